@@ -166,12 +166,12 @@ def format_errors(
         elif etype == "union_tag_invalid":
             ctx = err.get("ctx", {})
             msg = (
-                f"{dotted}{where}: unknown {ctx.get('discriminator', 'kind')} "
+                f"{dotted}{where}: unknown {_tag(ctx)} "
                 f"{ctx.get('tag')!r}; expected one of {ctx.get('expected_tags')}"
             )
         elif etype == "union_tag_not_found":
             ctx = err.get("ctx", {})
-            msg = f"{dotted}{where}: needs a {ctx.get('discriminator', 'kind')} key"
+            msg = f"{dotted}{where}: needs a {_tag(ctx)} key"
         else:
             text = err["msg"]
             if text.startswith("Value error, "):
@@ -183,6 +183,11 @@ def format_errors(
             seen.add(msg)
             out.append(msg)
     return out
+
+
+def _tag(ctx: dict[str, Any]) -> str:
+    """pydantic quotes the discriminator name ("'kind'"); show it bare."""
+    return str(ctx.get("discriminator", "kind")).strip("'")
 
 
 def _data_loc(loc: tuple, data: Any) -> tuple:
