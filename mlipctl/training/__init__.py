@@ -1,0 +1,1 @@
+"""Training: the `fit` engine (loss, optimiser, checkpoints, outputs)."""
