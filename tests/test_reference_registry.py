@@ -347,3 +347,28 @@ def test_pyscf_refuses_periodic_structures():
     atoms.calc = make_calculator({"kind": "pyscf", "basis": "sto-3g"})
     with pytest.raises(UserInputError, match="molecules and clusters only"):
         atoms.get_potential_energy()
+
+
+def test_tblite_periodic_copper_cell():
+    pytest.importorskip("tblite.ase", reason="tblite not installed (pip install mlipctl[dft])")
+    atoms = bulk("Cu", "fcc", a=3.61)
+    atoms.calc = make_calculator({"kind": "tblite", "method": "GFN1-xTB"})
+    e = atoms.get_potential_energy()
+    assert np.isfinite(e) and e < 0
+    assert np.abs(atoms.get_forces()).max() < 1e-6  # one atom per cell: zero by symmetry
+    assert np.isfinite(atoms.get_stress()).all()
+
+
+def test_pyscf_through_label_structures():
+    pytest.importorskip("pyscf", reason="pyscf not installed (pip install mlipctl[dft])")
+    from mlipctl.reference.labelling import label_structures
+
+    h2 = Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]])
+    cu = bulk("Cu", "fcc", a=3.61)
+    mol, crystal = label_structures([h2, cu], {"kind": "pyscf", "basis": "sto-3g", "xc": "HF"})
+    assert mol.ok and mol.stress is None and "not periodic" in (mol.stress_note or "")
+    assert mol.energy / 27.211386 == pytest.approx(-1.1167, abs=2e-4)
+    assert not crystal.ok
+    assert crystal.error is not None and crystal.error.startswith(
+        "UserInputError: the pyscf reference handles molecules and clusters only"
+    )

@@ -119,6 +119,11 @@ def label_structures(
     Returns:
         One :class:`LabelResult` per structure, in input order.
 
+    Timeouts (``parallel.timeout_s``) interrupt a calculation between Python bytecodes (SIGALRM
+    in a main thread, an asynchronous exception in other threads). The process pool also kills a
+    worker whose calculation is stuck inside one C call past the deadline plus a grace period;
+    serial and dask runs cannot preempt such a call and record the timeout once it returns.
+
     Raises:
         UserInputError: bad arguments, a reference that cannot be built here (missing package,
             bad import path, missing EAM file), dask missing or its scheduler unreachable.
