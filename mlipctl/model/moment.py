@@ -1,0 +1,283 @@
+"""Moment-tensor potential (flax linen): the default architecture, ``kind: moment``.
+
+Per directed edge i -> j with vector r_ij (length r, direction u = r_ij / r):
+
+1. Radial basis phi_n(r), n < n_basis (Gaussians or Bessel), times a polynomial envelope
+   f(r/r_c) = 1 - 10x^3 + 15x^4 - 6x^5 whose value, first and second derivatives vanish at r_c,
+   so energy, forces and force derivatives are continuous when a neighbour crosses the cutoff.
+2. Learned radial channels R_c(r) = f(r) * sum_n W[z_i, z_j, n, c] phi_n(r), c < n_radial, with
+   a separate matrix W for each ordered species pair.
+3. Moment tensors per atom and channel, summed over neighbours and divided by avg_num_neighbors:
+   M0 = sum R, M1 = sum R u, M2 = sum R u(x)u, M3 = sum R u(x)u(x)u. The symmetric tensors are
+   accumulated as their unique components (1 + 3 + 6 + 10) to halve the edge work.
+4. Rotation invariants: M0; M1.M1, M2:M2, M3:M3 (all channel pairs c1 <= c2); the 4-body
+   contractions M1.M2.M1, tr(M2 M2 M2), M1.M3:M2 and (M3:M3):M2 over channel triples.
+5. Per-element MLP on the invariants -> ``n_out`` numbers per atom (1, or the K heads of a
+   shallow ensemble).
+
+Shapes: E edges, N atoms, C = n_radial channels, F = :func:`n_features`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mlipctl.config.model import MomentModelConfig
+
+Array = jax.Array
+
+# --- symmetric tensor bookkeeping ------------------------------------------------------------
+
+_UNIQUE2 = [(a, b) for a in range(3) for b in range(a, 3)]  # 6 components of a symmetric 3x3
+_UNIQUE3 = [(a, b, c) for a in range(3) for b in range(a, 3) for c in range(b, 3)]  # 10
+# Full-tensor index -> unique-component index, used to expand moments per atom (cheap).
+_EXPAND2 = np.array(
+    [_UNIQUE2.index(tuple(sorted(ab))) for ab in itertools.product(range(3), repeat=2)]
+)
+_EXPAND3 = np.array(
+    [_UNIQUE3.index(tuple(sorted(abc))) for abc in itertools.product(range(3), repeat=3)]
+)
+_N_COMPONENTS = {0: 1, 1: 4, 2: 10, 3: 20}
+
+
+def _pairs_le(c: int) -> np.ndarray:
+    """Flat indices into a (C, C) array of the pairs c1 <= c2."""
+    i, j = np.triu_indices(c)
+    return i * c + j
+
+
+def n_features(n_radial: int, max_order: int) -> int:
+    """Length F of the per-atom invariant descriptor."""
+    c = n_radial
+    pairs = c * (c + 1) // 2
+    n = c  # M0
+    if max_order >= 1:
+        n += pairs  # M1.M1
+    if max_order >= 2:
+        n += pairs + c * pairs + c * (c + 1) * (c + 2) // 6  # M2:M2, M1.M2.M1, tr(M2^3)
+    if max_order >= 3:
+        n += pairs + c**3 + c * pairs  # M3:M3, M1.M3:M2, (M3:M3):M2
+    return n
+
+
+# --- radial part ---------------------------------------------------------------------------
+
+
+def envelope(x: Array) -> Array:
+    """Smooth cutoff on x = r / r_c: 1 at 0, 0 for x >= 1 with first and second derivatives 0."""
+    x = jnp.clip(x, 0.0, 1.0)
+    return 1.0 - x**3 * (10.0 - 15.0 * x + 6.0 * x * x)
+
+
+def radial_basis(r: Array, cfg: MomentModelConfig) -> Array:
+    """(E,) distances -> (E, n_basis) basis values times the envelope (0 beyond the cutoff)."""
+    rc = cfg.cutoff
+    n = cfg.n_basis
+    if cfg.basis == "gaussian":
+        centres = np.linspace(cfg.r_min, rc, n) if n > 1 else np.array([cfg.r_min])
+        width = (rc - cfg.r_min) / max(n - 1, 1)
+        z = (r[:, None] - jnp.asarray(centres, r.dtype)) / width
+        phi = jnp.exp(-0.5 * z * z)
+    else:
+        k = jnp.arange(1, n + 1, dtype=r.dtype) * (math.pi / rc)
+        # r >= ~0.5 Å for real edges (overlaps are rejected upstream); padding edges get r = 1.
+        phi = math.sqrt(2.0 / rc) * jnp.sin(k * r[:, None]) / r[:, None]
+    return phi * envelope(r / rc)[:, None]
+
+
+def _activation(name: str) -> Callable[[Array], Array]:
+    if name == "silu":
+        return jax.nn.silu
+    if name == "tanh":
+        return jnp.tanh
+    if name == "gelu":
+        return jax.nn.gelu
+    if name == "softplus":
+        return jax.nn.softplus
+    if name == "shifted_softplus":
+        return lambda x: jax.nn.softplus(x) - math.log(2.0)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+# --- invariants ----------------------------------------------------------------------------
+
+
+def invariants(moments: Array, n_radial: int, max_order: int) -> Array:
+    """(N, C, n_components) unique moment components -> (N, F) rotation invariants."""
+    n_atoms = moments.shape[0]
+    c = n_radial
+    le = _pairs_le(c)
+    out = [moments[:, :, 0]]
+    if max_order >= 1:
+        m1 = moments[:, :, 1:4]
+        out.append(jnp.einsum("nca,nda->ncd", m1, m1).reshape(n_atoms, c * c)[:, le])
+    if max_order >= 2:
+        m2 = moments[:, :, 4:10][:, :, _EXPAND2].reshape(n_atoms, c, 3, 3)
+        out.append(jnp.einsum("ncab,ndab->ncd", m2, m2).reshape(n_atoms, c * c)[:, le])
+        # M1[c1] . M2[c2] . M1[c3], symmetric in c1 <-> c3.
+        m2m1 = jnp.einsum("ncab,ndb->ncda", m2, m1)  # (N, c2, c3, 3)
+        t = jnp.einsum("nea,ncda->ncde", m1, m2m1)  # (N, c2, c3, c1)
+        out.append(t.reshape(n_atoms, c, c * c)[:, :, le].reshape(n_atoms, -1))
+        # tr(M2 M2 M2) is symmetric under any permutation of the channels (M2 symmetric).
+        m2m2 = jnp.einsum("ncab,ndbe->ncdae", m2, m2)
+        t = jnp.einsum("ncdae,nfea->ncdf", m2m2, m2)
+        tri = [
+            i * c * c + j * c + k
+            for i, j, k in itertools.combinations_with_replacement(range(c), 3)
+        ]
+        out.append(t.reshape(n_atoms, c**3)[:, np.array(tri)])
+    if max_order >= 3:
+        m3 = moments[:, :, 10:20][:, :, _EXPAND3].reshape(n_atoms, c, 3, 3, 3)
+        out.append(jnp.einsum("ncabe,ndabe->ncd", m3, m3).reshape(n_atoms, c * c)[:, le])
+        m3m2 = jnp.einsum("ncabd,nebd->ncea", m3, m2)  # (N, c2, c3, 3)
+        out.append(jnp.einsum("nfa,ncea->nfce", m1, m3m2).reshape(n_atoms, c**3))
+        m3m3 = jnp.einsum("ncaef,ndbef->ncdab", m3, m3)  # symmetric in c <-> d
+        t = jnp.einsum("ncdab,neab->necd", m3m3, m2)  # (N, c3, c1, c2)
+        out.append(t.reshape(n_atoms, c, c * c)[:, :, le].reshape(n_atoms, -1))
+    return jnp.concatenate(out, axis=1)
+
+
+# --- flax modules --------------------------------------------------------------------------
+
+
+def _kernel_init() -> Callable[..., Array]:
+    # LeCun-normal per species: axis 0 indexes the species and is not a fan dimension.
+    return nn.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,)
+    )
+
+
+class ElementMLP(nn.Module):
+    """One MLP per element; atoms pick theirs by species (all S are evaluated: cost S x)."""
+
+    n_species: int
+    hidden: tuple[int, ...]
+    n_out: int
+    activation: str
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array, species: Array) -> Array:
+        """x: (N, F), species: (N,) int -> (N, n_out)."""
+        act = _activation(self.activation)
+        widths = [*self.hidden, self.n_out]
+        onehot = None
+        if self.n_species > 1:
+            onehot = (species[:, None] == jnp.arange(self.n_species)).astype(self.dtype)
+        h = x
+        for layer, width in enumerate(widths):
+            w = self.param(
+                f"kernel_{layer}", _kernel_init(), (self.n_species, h.shape[-1], width), self.dtype
+            )
+            b = self.param(
+                f"bias_{layer}", nn.initializers.zeros, (self.n_species, width), self.dtype
+            )
+            if onehot is None:
+                h = h @ w[0] + b[0]
+            else:
+                h = jnp.einsum("nf,sfo->nso", h, w) + b[None]
+                h = jnp.einsum("nso,ns->no", h, onehot)
+            if layer < len(widths) - 1:
+                h = act(h)
+        return h
+
+
+class MomentModel(nn.Module):
+    """Edge vectors + graph indices -> per-atom outputs (N, n_out), in ``dtype``."""
+
+    config: MomentModelConfig
+    n_species: int
+    n_out: int
+    dtype: Any
+
+    def setup(self) -> None:
+        cfg = self.config
+        s2 = self.n_species * self.n_species
+        self.radial = self.param(
+            "radial",
+            nn.initializers.normal(stddev=1.0),
+            (s2, cfg.n_basis, cfg.n_radial),
+            self.dtype,
+        )
+        self.readout = ElementMLP(
+            n_species=self.n_species,
+            hidden=tuple(int(h) for h in cfg.hidden),
+            n_out=self.n_out,
+            activation=cfg.activation,
+            dtype=self.dtype,
+        )
+
+    def descriptor(
+        self,
+        vectors: Array,
+        species: Array,
+        senders: Array,
+        receivers: Array,
+        edge_mask: Array,
+        atom_mask: Array,
+    ) -> Array:
+        """Invariant per-atom descriptor.
+
+        Args:
+            vectors: (E, 3) edge vectors r_ij in Å (model dtype).
+            species: (N,) int species index; senders/receivers: (E,) int; edge_mask: (E,) bool;
+            atom_mask: (N,) bool.
+
+        Returns:
+            (N, F) invariants; rows of padding atoms are 0.
+        """
+        cfg = self.config
+        n_atoms = species.shape[0]
+        n_comp = _N_COMPONENTS[cfg.max_order]
+        r2 = jnp.sum(vectors * vectors, axis=-1)
+        valid = edge_mask & (r2 > 0.0)
+        # Padding edges are zero vectors: keep sqrt away from 0 so no NaN reaches the gradient.
+        r = jnp.sqrt(jnp.where(valid, r2, 1.0))
+        u = vectors / r[:, None]
+        basis = radial_basis(r, cfg)  # (E, n_basis)
+        if self.n_species == 1:
+            radial = basis @ self.radial[0]
+        else:
+            pair = species[senders] * self.n_species + species[receivers]
+            onehot = (pair[:, None] == jnp.arange(self.n_species**2)).astype(basis.dtype)
+            # One matmul over (pair, basis) instead of a per-edge weight gather, whose
+            # gradient would be a slow scatter on CPU.
+            radial = (onehot[:, :, None] * basis[:, None, :]).reshape(r.shape[0], -1) @ (
+                self.radial.reshape(-1, cfg.n_radial)
+            )
+        radial = jnp.where(valid[:, None], radial, 0.0) / cfg.avg_num_neighbors  # (E, C)
+
+        comps = [jnp.ones_like(r)[:, None]]
+        if cfg.max_order >= 1:
+            comps.append(u)
+        if cfg.max_order >= 2:
+            comps.append(jnp.stack([u[:, a] * u[:, b] for a, b in _UNIQUE2], axis=1))
+        if cfg.max_order >= 3:
+            comps.append(jnp.stack([u[:, a] * u[:, b] * u[:, c] for a, b, c in _UNIQUE3], axis=1))
+        angular = jnp.concatenate(comps, axis=1)  # (E, n_comp)
+        per_edge = (radial[:, :, None] * angular[:, None, :]).reshape(r.shape[0], -1)
+        moments = jax.ops.segment_sum(per_edge, senders, num_segments=n_atoms)
+        moments = moments.reshape(n_atoms, cfg.n_radial, n_comp)
+        feats = invariants(moments, cfg.n_radial, cfg.max_order)
+        return jnp.where(atom_mask[:, None], feats, 0.0)
+
+    def __call__(
+        self,
+        vectors: Array,
+        species: Array,
+        senders: Array,
+        receivers: Array,
+        edge_mask: Array,
+        atom_mask: Array,
+    ) -> Array:
+        """Same inputs as :meth:`descriptor`; returns (N, n_out) raw per-atom outputs."""
+        feats = self.descriptor(vectors, species, senders, receivers, edge_mask, atom_mask)
+        return self.readout(feats, species)
