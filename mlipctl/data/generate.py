@@ -628,10 +628,14 @@ def _langevin(
 
 
 def _init_velocities(atoms: Atoms, temperature_k: float, rng: np.random.Generator) -> None:
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+    from ase.md import velocitydistribution as vd
 
-    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_k, rng=rng)
-    Stationary(atoms)
+    thermalize = getattr(vd, "thermalize_momenta", None)  # ASE >= 3.29; older: the old name
+    if thermalize is not None:
+        thermalize(atoms, temperature_K=temperature_k, rng=rng)
+    else:  # pragma: no cover - ASE < 3.29
+        vd.MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_k, rng=rng)
+    vd.Stationary(atoms)
 
 
 def _md_ok(atoms: Atoms, ctx: _Context, what: str) -> bool:
