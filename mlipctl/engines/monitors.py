@@ -1,0 +1,287 @@
+"""On-the-fly MD monitors: ``f(state, graph, prediction) -> (value, triggered)`` evaluated every
+``monitoring.interval`` steps inside the compiled MD loop (and on the host for ASE drivers).
+
+A :class:`Monitor` bundles the hook with its threshold and, optionally, its own arrays
+(``params``: e.g. a descriptor mean and inverse covariance for a Mahalanobis monitor, or hull
+facets). Those arrays are passed to the hook as a leading argument so they are traced inputs of
+the compiled loop, not constants baked into it: the hook is called as
+``monitor.fn(monitor.params, state, graph, prediction)``.
+
+Registry: :func:`register_monitor` maps a config ``kind`` to a factory
+``factory(cfg, ctx: MonitorContext) -> Monitor``. The uncertainty work plugs in ensemble-σ,
+Mahalanobis, γ and hull monitors the same way: the context carries the loaded potential (for
+descriptors and ensemble members), and a monitor that needs per-member forces sets
+``needs_members`` so the engine evaluates the full ensemble prediction on monitor steps.
+
+Flagging policy (:func:`update_flags`): a monitor *triggers* whenever its hook says so. A frame
+is *flagged* (written to ``flagged.extxyz``) when some armed monitor triggers and no frame was
+flagged within the last ``cooldown_steps`` steps. A monitor that flagged is disarmed and re-arms
+only once its value drops below ``hysteresis × threshold``, so one long excursion yields one
+flagged frame rather than one per interval.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ase import units
+
+jax.config.update("jax_enable_x64", True)
+
+Array = Any
+
+
+class Prediction(NamedTuple):
+    """What monitors see of the potential at the current step (same fields as the model's
+    ``Prediction``, so a model prediction can be passed as is).
+
+    Attributes (shapes):
+        energy: (K, B) energies of the K ensemble members, eV.
+        forces: (K, N, 3) per-member forces when a monitor ``needs_members``; otherwise (1, N, 3)
+            holding the ensemble-mean force that drives the dynamics, eV/Å.
+        stress: (K or 1, B, 3, 3) eV/Å³, or None.
+        atom_energy: (K, N) per-atom energies, or None when the engine has none.
+    """
+
+    energy: Array
+    forces: Array
+    stress: Array | None
+    atom_energy: Array | None
+
+
+MonitorFn = Callable[[Any, Any, Any, Prediction], tuple[Array, Array]]
+"""``fn(params, state, graph, prediction) -> (value (), triggered ())``."""
+
+
+@dataclass(frozen=True)
+class Monitor:
+    """One monitor.
+
+    Attributes:
+        name: label used in reports and in ``atoms.info`` of flagged frames (``monitor_<name>``).
+        fn: the hook, ``fn(params, state, graph, prediction) -> (value, triggered)``; must be
+            jit-compatible (jax.numpy) and also accept numpy inputs for host evaluation.
+        threshold: value scale used for hysteresis re-arming.
+        params: pytree of the monitor's own arrays (or None).
+        unit: unit of ``value``.
+        needs_members: evaluate with per-member ensemble forces (an extra backward pass on
+            monitor steps only).
+        needs_graph: the hook reads ``graph`` (host drivers then build one for it).
+    """
+
+    name: str
+    fn: MonitorFn
+    threshold: float
+    params: Any = None
+    unit: str = ""
+    needs_members: bool = False
+    needs_graph: bool = False
+
+
+@dataclass(frozen=True)
+class MonitorContext:
+    """What a factory may need to build a monitor.
+
+    Attributes:
+        n_atoms: atoms in the simulated structure.
+        n_dof: kinetic degrees of freedom (temperature).
+        potential: the loaded ``Potential`` when running a model, else None.
+        extra: free-form settings for future monitors.
+    """
+
+    n_atoms: int
+    n_dof: int
+    potential: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, Callable[[Any, MonitorContext], Monitor]] = {}
+
+
+def register_monitor(kind: str) -> Callable:
+    """Decorator: ``@register_monitor("mahalanobis") def make(cfg, ctx) -> Monitor``."""
+
+    def deco(factory: Callable[[Any, MonitorContext], Monitor]) -> Callable:
+        if kind in _REGISTRY:
+            raise ValueError(f"monitor kind {kind!r} is already registered")
+        _REGISTRY[kind] = factory
+        return factory
+
+    return deco
+
+
+def registered_kinds() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_monitors(configs: Sequence[Any], ctx: MonitorContext) -> list[Monitor]:
+    """Monitors for a list of monitor configs (each with a ``kind``); names are made unique."""
+    from mlipctl.errors import UserInputError
+
+    out: list[Monitor] = []
+    seen: dict[str, int] = {}
+    for cfg in configs:
+        try:
+            factory = _REGISTRY[cfg.kind]
+        except KeyError:
+            raise UserInputError(
+                f"unknown monitor kind {cfg.kind!r}; known: {', '.join(registered_kinds())}"
+            ) from None
+        mon = factory(cfg, ctx)
+        count = seen.get(mon.name, 0)
+        seen[mon.name] = count + 1
+        if count:
+            mon = Monitor(**{**mon.__dict__, "name": f"{mon.name}_{count + 1}"})
+        out.append(mon)
+    return out
+
+
+def _max_force(params: Any, state: Any, graph: Any, prediction: Prediction):
+    f = jnp.asarray(prediction.forces)
+    value = jnp.sqrt(jnp.max(jnp.sum(f * f, axis=-1)))
+    return value, value > params["threshold"]
+
+
+def _temperature(params: Any, state: Any, graph: Any, prediction: Prediction):
+    v = jnp.asarray(state.velocities)
+    m = jnp.asarray(state.masses)
+    value = jnp.sum(m[:, None] * v * v) / (params["n_dof"] * units.kB)
+    return value, value > params["threshold"]
+
+
+def max_force_monitor(threshold: float) -> Monitor:
+    """Largest atomic force magnitude (over ensemble members when they are given), eV/Å."""
+    return Monitor(
+        name="max_force",
+        fn=_max_force,
+        threshold=float(threshold),
+        params={"threshold": jnp.asarray(float(threshold))},
+        unit="eV/Å",
+    )
+
+
+def temperature_monitor(threshold_k: float, n_dof: int) -> Monitor:
+    """Instantaneous kinetic temperature, K."""
+    return Monitor(
+        name="temperature",
+        fn=_temperature,
+        threshold=float(threshold_k),
+        params={"threshold": jnp.asarray(float(threshold_k)), "n_dof": jnp.asarray(float(n_dof))},
+        unit="K",
+    )
+
+
+@register_monitor("max_force")
+def _make_max_force(cfg: Any, ctx: MonitorContext) -> Monitor:
+    return max_force_monitor(cfg.threshold)
+
+
+@register_monitor("temperature")
+def _make_temperature(cfg: Any, ctx: MonitorContext) -> Monitor:
+    return temperature_monitor(cfg.threshold_k, ctx.n_dof)
+
+
+class FlagState(NamedTuple):
+    """Trigger bookkeeping carried through the MD loop (M monitors).
+
+    Attributes (shapes):
+        armed: (M,) bool, may flag a frame.
+        last_flag_step: () int64 step of the last flagged frame (-1: none yet).
+        first_trigger_step: (M,) int64 first step the monitor triggered (-1: never).
+        n_triggered: (M,) int64 evaluations that triggered.
+        n_flagged: (M,) int64 flagged frames this monitor took part in.
+        n_frames: () int64 flagged frames.
+        max_value: (M,) float64 largest value seen (-inf: none).
+    """
+
+    armed: Array
+    last_flag_step: Array
+    first_trigger_step: Array
+    n_triggered: Array
+    n_flagged: Array
+    n_frames: Array
+    max_value: Array
+
+
+def initial_flags(n_monitors: int) -> FlagState:
+    return FlagState(
+        armed=np.ones(n_monitors, bool),
+        last_flag_step=np.asarray(-1, np.int64),
+        first_trigger_step=np.full(n_monitors, -1, np.int64),
+        n_triggered=np.zeros(n_monitors, np.int64),
+        n_flagged=np.zeros(n_monitors, np.int64),
+        n_frames=np.asarray(0, np.int64),
+        max_value=np.full(n_monitors, -np.inf),
+    )
+
+
+def update_flags(
+    flags: FlagState,
+    step: Array,
+    values: Array,
+    triggered: Array,
+    thresholds: Array,
+    *,
+    hysteresis: float,
+    cooldown_steps: int,
+    xp: Any = jnp,
+) -> tuple[FlagState, Array, Array]:
+    """Apply one monitor evaluation at ``step``.
+
+    Args:
+        flags: bookkeeping before the evaluation.
+        step: () current step.
+        values: (M,) monitor values.
+        triggered: (M,) bool hook verdicts.
+        thresholds: (M,) thresholds (re-arm below ``hysteresis × threshold``).
+        hysteresis: in (0, 1].
+        cooldown_steps: no frame is flagged within this many steps after a flagged frame.
+        xp: ``jax.numpy`` (in the compiled loop) or ``numpy`` (host drivers).
+
+    Returns:
+        ``(new_flags, frame_flagged (), flagged_by (M,) bool)``.
+    """
+    step = xp.asarray(step, dtype=xp.int64)
+    triggered = xp.asarray(triggered, dtype=bool)
+    values = xp.asarray(values, dtype=xp.float64)
+    cooled = (flags.last_flag_step < 0) | (step - flags.last_flag_step > cooldown_steps)
+    flagged_by = triggered & flags.armed & cooled
+    frame = xp.any(flagged_by)
+    armed = (flags.armed & ~flagged_by) | (values < hysteresis * xp.asarray(thresholds))
+    new = FlagState(
+        armed=armed,
+        last_flag_step=xp.where(frame, step, flags.last_flag_step),
+        first_trigger_step=xp.where(
+            (flags.first_trigger_step < 0) & triggered, step, flags.first_trigger_step
+        ),
+        n_triggered=flags.n_triggered + triggered.astype(xp.int64),
+        n_flagged=flags.n_flagged + flagged_by.astype(xp.int64),
+        n_frames=flags.n_frames + frame.astype(xp.int64),
+        max_value=xp.where(values > flags.max_value, values, flags.max_value),
+    )
+    return new, frame, flagged_by
+
+
+def evaluate_monitors(
+    monitors: Sequence[Monitor],
+    params: Sequence[Any],
+    state: Any,
+    graph: Any,
+    prediction: Prediction,
+    members: Prediction | None = None,
+) -> tuple[Array, Array]:
+    """Values (M,) and verdicts (M,) of all monitors (jax.numpy; works in and out of jit)."""
+    if not monitors:
+        return jnp.zeros(0, jnp.float64), jnp.zeros(0, bool)
+    vals, trig = [], []
+    for mon, p in zip(monitors, params, strict=True):
+        pred = members if (mon.needs_members and members is not None) else prediction
+        v, t = mon.fn(p, state, graph, pred)
+        vals.append(jnp.asarray(v, jnp.float64).reshape(()))
+        trig.append(jnp.asarray(t, bool).reshape(()))
+    return jnp.stack(vals), jnp.stack(trig)
