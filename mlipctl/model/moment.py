@@ -207,6 +207,16 @@ class MomentModel(nn.Module):
             (s2, cfg.n_basis, cfg.n_radial),
             self.dtype,
         )
+        n_feat = n_features(cfg.n_radial, cfg.max_order)
+        # Affine standardisation of the invariants per element (trainable; set from data by
+        # mlipctl.model.potential.fit_feature_scaling). Invariants span many orders of
+        # magnitude (odd moments nearly vanish in crystals), which an MLP fits badly unscaled.
+        self.feature_shift = self.param(
+            "feature_shift", nn.initializers.zeros, (self.n_species, n_feat), self.dtype
+        )
+        self.feature_scale = self.param(
+            "feature_scale", nn.initializers.ones, (self.n_species, n_feat), self.dtype
+        )
         self.readout = ElementMLP(
             n_species=self.n_species,
             hidden=tuple(int(h) for h in cfg.hidden),
@@ -215,7 +225,7 @@ class MomentModel(nn.Module):
             dtype=self.dtype,
         )
 
-    def descriptor(
+    def raw_descriptor(
         self,
         vectors: Array,
         species: Array,
@@ -232,7 +242,7 @@ class MomentModel(nn.Module):
             atom_mask: (N,) bool.
 
         Returns:
-            (N, F) invariants; rows of padding atoms are 0.
+            (N, F) invariants before standardisation; rows of padding atoms are 0.
         """
         cfg = self.config
         n_atoms = species.shape[0]
@@ -268,6 +278,24 @@ class MomentModel(nn.Module):
         moments = moments.reshape(n_atoms, cfg.n_radial, n_comp)
         feats = invariants(moments, cfg.n_radial, cfg.max_order)
         return jnp.where(atom_mask[:, None], feats, 0.0)
+
+    def descriptor(
+        self,
+        vectors: Array,
+        species: Array,
+        senders: Array,
+        receivers: Array,
+        edge_mask: Array,
+        atom_mask: Array,
+    ) -> Array:
+        """Standardised invariants (N, F): ``(raw - shift[z]) * scale[z]``; padding rows 0."""
+        raw = self.raw_descriptor(vectors, species, senders, receivers, edge_mask, atom_mask)
+        if self.n_species == 1:
+            shift, scale = self.feature_shift[0], self.feature_scale[0]
+        else:
+            onehot = (species[:, None] == jnp.arange(self.n_species)).astype(raw.dtype)
+            shift, scale = onehot @ self.feature_shift, onehot @ self.feature_scale
+        return jnp.where(atom_mask[:, None], (raw - shift) * scale, 0.0)
 
     def __call__(
         self,

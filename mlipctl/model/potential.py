@@ -21,13 +21,14 @@ Ensembles (K members, leading axis of every output):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from ase.data import atomic_numbers
 
 from mlipctl.config.model import ModelConfig
@@ -339,6 +340,73 @@ def make_descriptors(spec: ModelSpec) -> Callable[[PyTree, AtomsGraph], Array]:
         )
 
     return descriptors
+
+
+def fit_feature_scaling(
+    spec: ModelSpec, params: PyTree, graphs: Iterable[AtomsGraph], *, rel_floor: float = 1e-2
+) -> PyTree:
+    """Parameters whose feature standardisation is set from data (call once before training).
+
+    For every element z and invariant f: ``shift = mean``, ``scale = 1 / max(std, rel_floor *
+    rms, 1e-10)`` of the raw invariant over the real atoms of element z in ``graphs``
+    (per member for deep ensembles). The floor keeps features that (nearly) never vary in the
+    data from being blown up. Elements absent from the data keep shift 0, scale 1.
+
+    Args:
+        spec: the model.
+        params: parameters from :func:`init_params` (or later; only shift/scale change).
+        graphs: padded batches, e.g. the training set (all atoms are used, padding ignored).
+
+    Returns:
+        A new parameter tree (the input is not modified).
+    """
+    module = _module(spec)
+    deep = spec.config.ensemble.kind == "deep"
+
+    def raw(p: PyTree, graph: AtomsGraph) -> Array:
+        positions = jnp.asarray(graph.positions, jnp.float64)
+        vectors = _edge_vectors(graph, positions, None).astype(_dtype(spec))
+        return module.apply(
+            p,
+            vectors,
+            jnp.asarray(graph.species),
+            jnp.asarray(graph.senders),
+            jnp.asarray(graph.receivers),
+            jnp.asarray(graph.edge_mask),
+            jnp.asarray(graph.atom_mask),
+            method=MomentModel.raw_descriptor,
+        )
+
+    fn = jax.jit(jax.vmap(raw, in_axes=(0, None)) if deep else (lambda p, g: raw(p, g)[None]))
+    n_sets = spec.n_members if deep else 1
+    n_feat = int(params["params"]["feature_shift"].shape[-1])
+    count = np.zeros(spec.n_species)
+    s1 = np.zeros((n_sets, spec.n_species, n_feat))
+    s2 = np.zeros((n_sets, spec.n_species, n_feat))
+    for graph in graphs:
+        feats = np.asarray(fn(params, graph), dtype=np.float64)  # (n_sets, N, F)
+        mask = np.asarray(graph.atom_mask, bool)
+        species = np.asarray(graph.species)
+        for z in range(spec.n_species):
+            sel = mask & (species == z)
+            count[z] += sel.sum()
+            s1[:, z] += feats[:, sel].sum(axis=1)
+            s2[:, z] += (feats[:, sel] ** 2).sum(axis=1)
+    seen = count > 0
+    n = np.where(seen, count, 1.0)[None, :, None]
+    mean = s1 / n
+    rms = np.sqrt(s2 / n)
+    std = np.sqrt(np.clip(s2 / n - mean**2, 0.0, None))
+    scale = 1.0 / np.maximum(np.maximum(std, rel_floor * rms), 1e-10)
+    mean = np.where(seen[None, :, None], mean, 0.0)
+    scale = np.where(seen[None, :, None], scale, 1.0)
+    if not deep:
+        mean, scale = mean[0], scale[0]
+    dtype = params["params"]["feature_shift"].dtype
+    inner = dict(params["params"])
+    inner["feature_shift"] = jnp.asarray(mean, dtype)
+    inner["feature_scale"] = jnp.asarray(scale, dtype)
+    return {**params, "params": inner}
 
 
 # --- user-facing object ------------------------------------------------------------------------
