@@ -46,6 +46,20 @@ COMMANDS: dict[str, Command] = {
     c.name: c
     for c in [
         Command(
+            "generate",
+            "Build candidate structures (strained, rattled, defects, surfaces, MD, amorphous).",
+            "mlipctl.config.generate:GenerateConfig",
+            "mlipctl.data.generate:run_generate",
+            example={"systems": [{"kind": "crystal", "element": "Cu", "structure": "fcc"}]},
+        ),
+        Command(
+            "label",
+            "Label structures with a reference calculator (serial, process pool or Dask).",
+            "mlipctl.config.label:LabelConfig",
+            "mlipctl.engines.label:run_label",
+            example={"input": "runs/generate/structures.extxyz", "reference": {"kind": "emt"}},
+        ),
+        Command(
             "fit",
             "Train a potential (or an ensemble) on labelled structures.",
             "mlipctl.config.fit:FitConfig",

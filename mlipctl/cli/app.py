@@ -141,6 +141,50 @@ def _main(
 
 
 @app.command()
+def generate(
+    config: ConfigArg = None,
+    element: Annotated[
+        str | None, typer.Option(help="Element of a single crystal system (e.g. Cu).")
+    ] = None,
+    output: OutputOpt = None,
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+    progress: ProgressOpt = True,
+) -> None:
+    """Build candidate structures (strained, rattled, defects, surfaces, MD, amorphous)."""
+    systems = [{"kind": "crystal", "element": element}] if element else None
+    ov = _overrides(set_, systems=systems, output=output)
+    _execute("generate", config, ov, as_json=as_json, progress=progress)
+
+
+@app.command()
+def label(
+    config: ConfigArg = None,
+    input_: Annotated[
+        Path | None, typer.Option("--input", "-i", help="Structure file to label.")
+    ] = None,
+    reference: Annotated[str | None, typer.Option(help="Reference kind (default emt).")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Label on a local process pool of this many workers.")
+    ] = None,
+    output: OutputOpt = None,
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+    progress: ProgressOpt = True,
+) -> None:
+    """Label structures with a reference (serial, process pool or Dask); resumes by itself."""
+    parallel = {"backend": "processes", "workers": workers} if workers else None
+    ov = _overrides(
+        set_,
+        input=str(input_) if input_ else None,
+        reference={"kind": reference} if reference else None,
+        parallel=parallel,
+        output=output,
+    )
+    _execute("label", config, ov, as_json=as_json, progress=progress)
+
+
+@app.command()
 def fit(
     config: ConfigArg = None,
     data: Annotated[Path | None, typer.Option(help="Training data file (data.path).")] = None,
