@@ -258,6 +258,7 @@ def test_failures_are_recorded_and_never_stop_the_batch(tmp_path):
     assert "injected SCF failure" in reasons[2] and reasons[2].startswith("RuntimeError")
     assert reasons[5].startswith("NonFiniteResult")
     assert not report.passed  # max_failed_fraction defaults to 0
+    assert any("structure 2 (group0): RuntimeError: injected" in m for m in report.messages)
     failed = json.loads((Path(cfg.output) / FAILED).read_text())
     assert [f["index"] for f in failed["failures"]] == [2, 5]
     out = _read(cfg)

@@ -39,6 +39,7 @@ from mlipctl.reports.base import Criterion, Environment, Report, atomic_write_te
 MANIFEST = "label-manifest.json"
 FAILED = "failed.json"
 _LOCK = ".label.lock"
+_SHOW_FAILURES = 20  # failures spelled out in the report messages (all are in failed.json)
 # Keys the extxyz writer takes from the new calculator; stale copies in info/arrays would clash.
 _LABEL_KEYS = ("energy", "free_energy", "forces", "stress")
 
@@ -422,6 +423,10 @@ def run_label(cfg: LabelConfig, *, resume: bool = False, progress: bool = True) 
             f"{n_failed} structure(s) failed (reasons in {Path(cfg.output) / FAILED}); they are "
             "not in the output and are retried when you run this command again"
         )
+        shown = sorted(outcome.failures.items())[:_SHOW_FAILURES]
+        messages += [f"failed: structure {i} ({f['config_type']}): {f['error']}" for i, f in shown]
+        if n_failed > _SHOW_FAILURES:
+            messages.append(f"... and {n_failed - _SHOW_FAILURES} more failures in {FAILED}")
     for note, count in outcome.stress_notes.items():
         messages.append(f"no stress for {count} structure(s): {note}")
     artifacts = {"manifest": str(Path(cfg.output) / MANIFEST)}
