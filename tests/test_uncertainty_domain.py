@@ -180,7 +180,7 @@ def test_threshold_rules():
 
 
 def _false_alarm_ratio(
-    n: int, dim: int, alpha: float, shrink: bool, reps: int = 1500, m: int = 40, seed: int = 0
+    n: int, dim: int, alpha: float, shrink: bool, reps: int = 1000, m: int = 60, seed: int = 0
 ) -> tuple[float, float]:
     """Average per-point false-alarm rate / alpha over many training sets (F rule, chi2 rule)."""
     rng = np.random.default_rng(seed)
@@ -211,8 +211,8 @@ def test_f_threshold_is_exact_where_chi2_doubles_false_alarms():
 def test_f_threshold_with_ledoit_wolf_shrinkage():
     # Shrinkage makes the rule conservative at small n (measured ~0.4 alpha at n = 40, D = 5) and
     # it approaches alpha as n grows (~0.8 alpha at n = 200).
-    small, _ = _false_alarm_ratio(40, 5, 0.05, shrink=True, reps=800, seed=1)
-    large, _ = _false_alarm_ratio(200, 5, 0.05, shrink=True, reps=800, seed=2)
+    small, _ = _false_alarm_ratio(40, 5, 0.05, shrink=True, reps=500, seed=1)
+    large, _ = _false_alarm_ratio(200, 5, 0.05, shrink=True, reps=500, seed=2)
     assert small < 0.7
     assert 0.5 < large < 2.0
     assert large > small
