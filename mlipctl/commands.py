@@ -78,16 +78,14 @@ COMMANDS: dict[str, Command] = {
             "relax",
             "Relax a structure (positions, optionally the cell).",
             "mlipctl.config.relax:RelaxConfig",
-            None,
-            "the engines issue (#4)",
+            "mlipctl.engines.relax:run_relax",
             example={"calculator": {"kind": "emt"}, "structure": _CU},
         ),
         Command(
             "neb",
             "Climbing-image NEB between two states or for a defect hop.",
             "mlipctl.config.neb:NEBConfig",
-            None,
-            "the engines issue (#4)",
+            "mlipctl.engines.neb:run_neb",
             example={
                 "calculator": {"kind": "emt"},
                 "endpoints": {"kind": "defect", "defect": "vacancy", "crystal": _CU},
