@@ -123,41 +123,42 @@ def _offsets_slices(offsets: np.ndarray) -> Iterator[slice]:
 # --------------------------------------------------------------------------------------------
 
 
-def hull_facets(points: ArrayLike) -> np.ndarray | None:
-    """Facet inequalities of the convex hull of ``points`` (n, d): rows ``[a, b]`` with
-    ``a·x + b <= 0`` inside and ``|a| = 1``, shape (F, d + 1); None if qhull cannot build a
-    full-dimensional hull (too few or degenerate points) or it has too many facets."""
-    p = np.asarray(points, dtype=np.float64)
+def convex_hull(points: ArrayLike) -> tuple[np.ndarray, np.ndarray | None]:
+    """Extreme points and facet inequalities of the convex hull of ``points`` (n, d), one qhull run.
+
+    Returns:
+        ``(vertices, equations)``: vertices (V, d) — the unique points when qhull cannot be used
+        (d > 6, too few or degenerate points); equations (F, d + 1), rows ``[a, b]`` with
+        ``a·x + b <= 0`` inside and ``|a| = 1``, or None when there is no full-dimensional hull
+        or it has more than 200 000 facets.
+    """
+    p = np.unique(np.asarray(points, dtype=np.float64), axis=0)
     n, d = p.shape
-    if n < d + 1:
-        return None
+    if n == 0:
+        return p, None
     if d == 1:
         lo, hi = p[:, 0].min(), p[:, 0].max()
-        if hi <= lo:
-            return None
-        return np.array([[1.0, -hi], [-1.0, lo]])
+        eq = np.array([[1.0, -hi], [-1.0, lo]]) if hi > lo else None
+        return np.array([[lo], [hi]]), eq
+    if d > _QHULL_MAX_DIM or n < d + 1:
+        return p, None
     try:
         hull = spatial.ConvexHull(p)
     except spatial.QhullError:
-        return None
+        return p, None
     eq = np.asarray(hull.equations, dtype=np.float64)
-    if eq.shape[0] > _QHULL_MAX_FACETS:
-        return None
-    return eq
+    return p[hull.vertices], (eq if eq.shape[0] <= _QHULL_MAX_FACETS else None)
+
+
+def hull_facets(points: ArrayLike) -> np.ndarray | None:
+    """Facet inequalities (F, d + 1) of the hull of ``points`` (n, d), or None; see
+    :func:`convex_hull`."""
+    return convex_hull(points)[1]
 
 
 def hull_vertices(points: ArrayLike) -> np.ndarray:
     """The extreme points of ``points`` (n, d) if qhull can find them, else the unique points."""
-    p = np.unique(np.asarray(points, dtype=np.float64), axis=0)
-    n, d = p.shape
-    if d == 1 and n:
-        return np.array([[p[:, 0].min()], [p[:, 0].max()]])
-    if 2 <= d <= _QHULL_MAX_DIM and n >= d + 1:
-        try:
-            return p[spatial.ConvexHull(p).vertices]
-        except spatial.QhullError:
-            pass
-    return p
+    return convex_hull(points)[0]
 
 
 def inside_hull_facets(
@@ -414,7 +415,7 @@ def maxvol(
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays: identity equality only
 class DomainModel:
     """Per-species domain-of-applicability model fitted on training descriptors.
 
@@ -561,9 +562,9 @@ class DomainModel:
             k = min(d, vt.shape[0])
             comps[s, :k] = vt[:k]
             y = z @ comps[s].T
-            eq = hull_facets(y) if d <= _QHULL_MAX_DIM else None
+            verts, eq = convex_hull(y)
             hull_eqs.append(np.zeros((0, d + 1)) if eq is None else eq)
-            hull_pts.append(hull_vertices(y))
+            hull_pts.append(verts)
 
             if max_kernel_points is not None and n > max_kernel_points:
                 kern.append(z[rng.choice(n, max_kernel_points, replace=False)])
