@@ -30,7 +30,10 @@ class DomainConfig(StrictModel):
     """Domain-of-applicability checks on the model's descriptors."""
 
     hull_pca_dim: int = Field(
-        default=5, ge=1, le=20, description="PCA dimension of the convex-hull test."
+        default=3,
+        ge=1,
+        le=20,
+        description="PCA dimension of the convex-hull test (3: in-distribution atoms stay inside; at 5+ a 32-atom frame is flagged most of the time, see docs/uncertainty.md).",
     )
     mahalanobis_alpha: float = Field(
         default=0.01, gt=0, lt=1, description="False-alarm rate of the Mahalanobis trigger."
