@@ -231,7 +231,7 @@ class CompiledCache:
         self.n_calls = 0
 
     def __call__(self, *args: Any) -> Any:
-        key = tuple((np.shape(x), np.result_type(x).str) for x in jax.tree.leaves(args))
+        key = tuple((np.shape(x), str(getattr(x, "dtype", type(x)))) for x in jax.tree.leaves(args))
         exe = self._cache.get(key)
         if exe is None:
             t0 = time.perf_counter()
