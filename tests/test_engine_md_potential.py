@@ -20,30 +20,34 @@ R_ON = 4.0
 TYPE_MAP = {29: 0}
 
 
-def _switch(r):
-    """C2 switching 1 -> 0 between R_ON and RC (1 - 10x^3 + 15x^4 - 6x^5)."""
-    x = jnp.clip((r - R_ON) / (RC - R_ON), 0.0, 1.0)
-    return 1.0 - x**3 * (10.0 - 15.0 * x + 6.0 * x * x)
+def make_morse(rc: float = RC, r_on: float = R_ON):
+    """Energy function ``(params, graph) -> (1, B)`` of a Morse pair potential switched off
+    smoothly (C2: 1 - 10x^3 + 15x^4 - 6x^5) between ``r_on`` and ``rc``; params {'D','a','r0'}."""
+
+    def energy(params, graph):
+        cell = graph.cell[graph.structure[graph.senders]]
+        rij = (
+            graph.positions[graph.receivers]
+            - graph.positions[graph.senders]
+            + jnp.einsum("ei,eij->ej", graph.shifts, cell)
+        )
+        r2 = jnp.sum(rij * rij, axis=1)
+        real = graph.edge_mask & (r2 < rc * rc)
+        r = jnp.sqrt(jnp.where(real, r2, 1.0))
+        x = jnp.clip((r - r_on) / (rc - r_on), 0.0, 1.0)
+        switch = 1.0 - x**3 * (10.0 - 15.0 * x + 6.0 * x * x)
+        ex = jnp.exp(-params["a"] * (r - params["r0"]))
+        pair = jnp.where(real, params["D"] * (ex * ex - 2.0 * ex) * switch, 0.0)
+        n = graph.positions.shape[0]
+        atom = 0.5 * jax.ops.segment_sum(pair, graph.senders, n)
+        atom = jnp.where(graph.atom_mask, atom, 0.0)
+        e = jax.ops.segment_sum(atom, graph.structure, graph.cell.shape[0])
+        return e[None, :]
+
+    return energy
 
 
-def morse_energy(params, graph):
-    """Energies (1, B) of a Morse pair potential; params {'D', 'a', 'r0'} (scalars)."""
-    cell = graph.cell[graph.structure[graph.senders]]
-    rij = (
-        graph.positions[graph.receivers]
-        - graph.positions[graph.senders]
-        + jnp.einsum("ei,eij->ej", graph.shifts, cell)
-    )
-    r2 = jnp.sum(rij * rij, axis=1)
-    real = graph.edge_mask & (r2 < RC * RC)
-    r = jnp.sqrt(jnp.where(real, r2, 1.0))
-    ex = jnp.exp(-params["a"] * (r - params["r0"]))
-    pair = jnp.where(real, params["D"] * (ex * ex - 2.0 * ex) * _switch(r), 0.0)
-    n = graph.positions.shape[0]
-    atom = 0.5 * jax.ops.segment_sum(pair, graph.senders, n)
-    atom = jnp.where(graph.atom_mask, atom, 0.0)
-    e = jax.ops.segment_sum(atom, graph.structure, graph.cell.shape[0])
-    return e[None, :]
+morse_energy = make_morse()
 
 
 def morse_params():

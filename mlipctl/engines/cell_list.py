@@ -290,9 +290,15 @@ def pad_neighbor_list(nl: NeighborList, edge_capacity: int) -> NeighborList:
         )
     if extra == 0:
         return nl
+
+    # Host-side padding: no device kernels to compile for a one-off resize.
+    def pad(a: Array, shape: tuple[int, ...]) -> Array:
+        a = np.asarray(a)
+        return jnp.asarray(np.concatenate([a, np.zeros(shape, a.dtype)]))
+
     return nl._replace(
-        senders=jnp.concatenate([nl.senders, jnp.zeros(extra, nl.senders.dtype)]),
-        receivers=jnp.concatenate([nl.receivers, jnp.zeros(extra, nl.receivers.dtype)]),
-        shifts=jnp.concatenate([nl.shifts, jnp.zeros((extra, 3), nl.shifts.dtype)]),
-        mask=jnp.concatenate([nl.mask, jnp.zeros(extra, bool)]),
+        senders=pad(nl.senders, (extra,)),
+        receivers=pad(nl.receivers, (extra,)),
+        shifts=pad(nl.shifts, (extra, 3)),
+        mask=pad(nl.mask, (extra,)),
     )

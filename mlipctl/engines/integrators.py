@@ -212,12 +212,9 @@ def nhc_masses(ens: Ensemble, n_dof: int) -> np.ndarray:
 
 
 def initial_thermostat(ens: Ensemble) -> ThermostatState:
+    """Zero extended variables (numpy; the engine moves them to the device)."""
     m = max(1, ens.chain_length)
-    return ThermostatState(
-        eta=jnp.zeros(m, jnp.float64),
-        v_eta=jnp.zeros(m, jnp.float64),
-        heat=jnp.zeros((), jnp.float64),
-    )
+    return ThermostatState(eta=np.zeros(m), v_eta=np.zeros(m), heat=np.zeros(()))
 
 
 def _nhc_half_step(
