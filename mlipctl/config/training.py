@@ -256,6 +256,12 @@ class TrainingConfig(StrictModel):
     checkpoint: CheckpointConfig = Field(
         default_factory=CheckpointConfig, description="Checkpoint intervals."
     )
+    standardize_features: bool = Field(
+        default=False,
+        description="Before training, set the model's per-element descriptor shift/scale to the "
+        "training data's mean and 1/std (they keep training afterwards). Off by default: on "
+        "mlearn Cu it made the first epochs diverge (rare surface atoms lie ~25 std out).",
+    )
     seed: int = Field(
         default=0, ge=0, description="Seed of the initial parameters and of the data order."
     )
