@@ -103,6 +103,8 @@ def _moment_sum_fwd(
         return acc.at[s].add(r[:, :, None] * a[:, None, :]), None
 
     init = jnp.zeros((n_atoms, radial.shape[1], angular.shape[1]), radial.dtype)
+    if radial.shape[0] <= chunk:  # one chunk: no loop (compiles faster)
+        return body(init, (radial, angular, senders))[0], (radial, angular, senders)
     xs = (_chunked(radial, chunk), _chunked(angular, chunk), _chunked(senders, chunk))
     acc, _ = jax.lax.scan(body, init, xs)
     return acc, (radial, angular, senders)
@@ -123,6 +125,8 @@ def _moment_sum_bwd(
         g_a = sum(gs[:, k, :] * r[:, k : k + 1] for k in range(n_chan))
         return None, (g_r, g_a)
 
+    if n_edges <= chunk:
+        return (*body(None, (radial, angular, senders))[1], None)
     xs = (_chunked(radial, chunk), _chunked(angular, chunk), _chunked(senders, chunk))
     _, (g_r, g_a) = jax.lax.scan(body, None, xs)
     return (
