@@ -95,8 +95,7 @@ COMMANDS: dict[str, Command] = {
             "md",
             "Molecular dynamics with on-the-fly monitors.",
             "mlipctl.config.md:MDConfig",
-            None,
-            "the engines issue (#4)",
+            "mlipctl.engines.md:run_md",
             example={
                 "calculator": {"kind": "emt"},
                 "structure": _CU,
