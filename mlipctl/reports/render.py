@@ -29,6 +29,24 @@ def _scalars(results: dict[str, Any], prefix: str = "", depth: int = 0) -> list[
     return rows
 
 
+def _terminal_rows(
+    results: dict[str, Any], prefix: str = "", depth: int = 0
+) -> list[tuple[str, str]]:
+    """Numbers, strings and short lists only, three levels deep: a summary fits one screen."""
+    rows: list[tuple[str, str]] = []
+    for k, v in results.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            if depth < 2:
+                rows.extend(_terminal_rows(v, key + ".", depth + 1))
+        elif isinstance(v, list | tuple):
+            if len(v) <= 4 and all(not isinstance(x, dict | list) for x in v):
+                rows.append((key, _fmt(list(v))))
+        elif v is not None:
+            rows.append((key, _fmt(v)))
+    return rows
+
+
 def verdict(report: Report) -> str:
     if not report.criteria:
         return "done"
@@ -99,11 +117,12 @@ def print_rich(report: Report, console: Any = None) -> None:
                 "[green]pass[/green]" if c.passed else "[red]FAIL[/red]",
             )
         console.print(table)
-    if report.results:
-        table = Table(title="Results")
+    rows = _terminal_rows(report.results)
+    if rows:
+        table = Table(title="Results (all of them in report.md)")
         table.add_column("key")
         table.add_column("value")
-        for k, val in _scalars(report.results)[:40]:
+        for k, val in rows[:30]:
             table.add_row(k, val)
         console.print(table)
     for m in report.messages:
