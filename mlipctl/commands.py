@@ -46,6 +46,13 @@ COMMANDS: dict[str, Command] = {
     c.name: c
     for c in [
         Command(
+            "quickstart",
+            "The main job on EMT: generate and label Cu structures, fit an ensemble, validate it.",
+            "mlipctl.config.quickstart:QuickstartConfig",
+            "mlipctl.workflows.quickstart:run_quickstart",
+            example={"element": "Cu"},
+        ),
+        Command(
             "generate",
             "Build candidate structures (strained, rattled, defects, surfaces, MD, amorphous).",
             "mlipctl.config.generate:GenerateConfig",

@@ -141,6 +141,25 @@ def _main(
 
 
 @app.command()
+def quickstart(
+    config: ConfigArg = None,
+    element: Annotated[str | None, typer.Option(help="Element (default Cu).")] = None,
+    scale: Annotated[
+        str | None,
+        typer.Option(help="full (default) or ci (reduced smoke run); env MLIPCTL_QUICKSTART."),
+    ] = None,
+    output: OutputOpt = None,
+    set_: SetOpt = None,
+    as_json: JsonOpt = False,
+    progress: ProgressOpt = True,
+) -> None:
+    """The main job on EMT: generate and label structures, fit an ensemble, validate the vacancy."""
+    scale = scale or os.environ.get("MLIPCTL_QUICKSTART") or None
+    ov = _overrides(set_, element=element, scale=scale, output=output)
+    _execute("quickstart", config, ov, as_json=as_json, progress=progress)
+
+
+@app.command()
 def generate(
     config: ConfigArg = None,
     element: Annotated[

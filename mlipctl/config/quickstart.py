@@ -1,0 +1,26 @@
+"""`mlipctl quickstart`: the main job on the embedded default reference, in one command."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from mlipctl.config.base import StrictModel
+
+
+class QuickstartConfig(StrictModel):
+    """Generate reference-labelled structures, fit an ensemble, validate it on the vacancy."""
+
+    element: str = Field(default="Cu", description="Element (EMT knows Al Ni Cu Pd Ag Pt Au).")
+    scale: Literal["full", "ci"] = Field(
+        default="full",
+        description="full: the real job (about 10 minutes on 2 cores); ci: a reduced smoke run "
+        "of every step (a few minutes), whose verdict is not meaningful.",
+    )
+    ensemble_size: int = Field(default=3, ge=2, le=8, description="Deep-ensemble members.")
+    max_epochs: int | None = Field(
+        default=None, ge=1, description="Training epochs (None: the scale's default)."
+    )
+    seed: int = Field(default=0, ge=0, description="Seed of generation, splits and training.")
+    output: str = Field(default="quickstart", description="Output directory (one folder a step).")

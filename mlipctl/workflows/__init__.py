@@ -1,0 +1,1 @@
+"""Workflows chain commands (generate → label → fit → validate); they sit above the engines."""
