@@ -27,8 +27,9 @@ from mlipctl.engines.md import (
 )
 
 N_ATOMS = 108
-# |drift| of E_tot in NVE at 300 K, dt = 1 fs, Morse Cu (measured ~1e-3 meV/atom/ps over 5 ps).
-NVE_DRIFT_BOUND = 0.02  # meV/atom/ps
+# |drift| of E_tot in NVE at 300 K, dt = 1 fs, Morse Cu, float64 (measured: 5e-5 meV/atom/ps over
+# 5 ps, 1.3e-3 over 0.5 ps where the linear fit still sees the VV oscillation of E_tot).
+NVE_DRIFT_BOUND = 0.01  # meV/atom/ps
 NVE_FLUCTUATION_BOUND = 0.1  # meV/atom, max |E_tot(t) - E_tot(0)|
 
 
@@ -135,7 +136,7 @@ def test_thermostat_mean_temperature_and_fluctuations_long(tmp_path, name):
     )
     assert temps.mean() == pytest.approx(300.0, rel=0.03)
     # Canonical kinetic-energy fluctuations: sqrt(2 / n_dof) (Berendsen would give far less).
-    assert rel_std == pytest.approx(canonical, rel=0.2)
+    assert rel_std == pytest.approx(canonical, rel=0.15)
 
 
 def test_berendsen_npt_relaxes_pressure(tmp_path):

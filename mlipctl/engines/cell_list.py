@@ -225,14 +225,25 @@ def overflowed(stats: BuildStats, cell_capacity: int, edge_capacity: int) -> Arr
     return (stats.n_edges > edge_capacity) | (stats.max_bin > cell_capacity) | ~stats.bins_ok
 
 
-def needs_rebuild(nl: NeighborList, positions: Array, cell: Array, cutoff: float, skin: float):
+def needs_rebuild(
+    nl: NeighborList,
+    positions: Array,
+    cell: Array,
+    cutoff: float,
+    skin: float,
+    variable_cell: bool = True,
+) -> Array:
     """Whether the list may miss a pair within ``cutoff`` at ``positions``/``cell``.
 
     A pair outside the list was at least ``r_list = cutoff + skin`` apart at the reference.
     Mapping the reference into the current cell (``T = inv(ref_cell) @ cell``) stretches that
     by at least the smallest singular value of T, and the atoms' own moves ``d`` (relative to
-    the mapped reference) shorten it by at most ``2 max|d|``. Fixed cell: ``max|d| > skin/2``.
+    the mapped reference) shorten it by at most ``2 max|d|``. Fixed cell (``variable_cell``
+    False, also right for non-periodic structures with a zero cell): ``max|d| > skin/2``.
     """
+    if not variable_cell:
+        d = positions - nl.ref_positions
+        return jnp.sqrt(jnp.max(jnp.sum(d * d, axis=1))) > 0.5 * skin
     t = jnp.linalg.solve(nl.ref_cell, cell)
     d = positions - nl.ref_positions @ t
     max_d = jnp.sqrt(jnp.max(jnp.sum(d * d, axis=1)))

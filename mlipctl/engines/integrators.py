@@ -173,7 +173,8 @@ def pressure(state: MDState) -> Array:
     volume = jnp.abs(jnp.linalg.det(state.cell))
     ke = kinetic_energy(state.velocities, state.masses)
     # Kinetic (ideal-gas) part as ASE's include_ideal_gas: trace(Σ m v⊗v) / (3V).
-    return 2.0 * ke / (3.0 * volume) - jnp.trace(state.stress) / 3.0
+    p = 2.0 * ke / (3.0 * jnp.where(volume > 1e-9, volume, 1.0)) - jnp.trace(state.stress) / 3.0
+    return jnp.where(volume > 1e-9, p, jnp.nan)  # no pressure without a volume
 
 
 def _remove_com(velocities: Array, masses: Array) -> Array:

@@ -123,7 +123,12 @@ def make_force_fn(energy_fn: EnergyFn) -> Callable:
             total, argnums=(0, 1), has_aux=True
         )(graph.positions, jnp.zeros((3, 3), jnp.float64))
         volume = jnp.abs(jnp.linalg.det(cell[0]))
-        stress = 0.5 * (g_strain + g_strain.T) / volume
+        # Non-periodic structures (zero cell) have no stress: NaN, so the log shows "no value".
+        stress = jnp.where(
+            volume > 1e-9,
+            0.5 * (g_strain + g_strain.T) / jnp.where(volume > 1e-9, volume, 1.0),
+            jnp.nan,
+        )
         forces = -jnp.asarray(g_pos, jnp.float64)
         pred = Prediction(
             energy=members, forces=forces[None], stress=stress[None, None], atom_energy=None
@@ -312,6 +317,7 @@ def _make_chunk_fn(
     cell_capacity: int,
     edge_capacity: int,
     graph_capacity: int,
+    periodic: bool = True,
 ) -> Callable:
     """The jitted chunk ``(params, mon_params, species, carry, n_active) -> (carry, records)``."""
     s = settings
@@ -326,7 +332,7 @@ def _make_chunk_fn(
 
     def chunk(params, mon_params, species, carry: Carry, n_active):
         def evaluate(st: integ.MDState):
-            need = needs_rebuild(st.nbr, st.positions, st.cell, s.cutoff, s.skin)
+            need = needs_rebuild(st.nbr, st.positions, st.cell, s.cutoff, s.skin, ens.variable_cell)
             if mode == "cells":
                 zero = BuildStats(
                     n_edges=jnp.zeros((), jnp.int32),
@@ -436,7 +442,8 @@ def _make_chunk_fn(
                 "e_pot": st1.energy,
                 "e_kin": ke,
                 "conserved": integ.conserved_energy(st1, ens, s.n_dof),
-                "pressure": integ.pressure(st1),
+                # Without periodicity on all axes there is no volume, so no pressure.
+                "pressure": integ.pressure(st1) if periodic else jnp.full((), jnp.nan),
                 "volume": volume,
                 "max_force": fmax,
                 "mon_values": values,
@@ -693,6 +700,7 @@ class JaxMD:
                 self.cell_capacity,
                 self.edge_capacity,
                 self.graph_capacity,
+                bool(self.pbc.all()),
             )
             # A call with no active step compiles (or finds the cached executable) without
             # advancing the state, so compile time is measured apart from MD time.
@@ -812,7 +820,7 @@ class JaxMD:
             st.velocities,
             float(st.energy),
             st.forces,
-            st.stress,
+            st.stress if self.pbc.all() else None,
         )
 
     def flag_summary(self) -> dict[str, dict[str, Any]]:
@@ -1023,6 +1031,8 @@ class AseMD:
     def _pressure(self, e_kin: float) -> float:
         from ase.calculators.calculator import PropertyNotImplementedError
 
+        if not np.all(self.atoms_.pbc):
+            return math.nan
         try:
             stress = self.atoms_.get_stress(voigt=False)
         except PropertyNotImplementedError:
@@ -1182,10 +1192,12 @@ class AseMD:
 
     def atoms(self) -> Atoms:
         a = self.atoms_
-        try:
-            stress = a.get_stress(voigt=False)
-        except Exception:  # noqa: BLE001 - calculators without stress
-            stress = None
+        stress = None
+        if np.all(a.pbc):
+            try:
+                stress = a.get_stress(voigt=False)
+            except Exception:  # noqa: BLE001 - calculators without stress
+                stress = None
         return _snapshot(
             a.numbers,
             a.positions,
@@ -1257,7 +1269,7 @@ def _snapshot(
     atoms = Atoms(numbers=numbers, positions=np.asarray(positions), cell=cell, pbc=pbc)
     atoms.set_velocities(np.asarray(velocities))
     kw: dict[str, Any] = {"energy": energy, "forces": np.asarray(forces)}
-    if stress is not None:
+    if stress is not None and np.all(np.isfinite(stress)):
         kw["stress"] = np.asarray(stress)
     atoms.calc = SinglePointCalculator(atoms, **kw)
     return atoms
@@ -1428,12 +1440,17 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, 
 # --------------------------------------------------------------------------------------------
 
 
-def _check_structure(atoms: Atoms) -> None:
+def _check_structure(cfg: Any, atoms: Atoms) -> None:
     from mlipctl.data.neighbors import check_overlaps
 
     if not np.all(np.isfinite(atoms.positions)):
         raise UserInputError("starting structure has non-finite (NaN/inf) positions")
     check_overlaps(atoms)
+    if cfg.ensemble.kind == "npt_berendsen" and not np.all(atoms.pbc):
+        raise UserInputError(
+            f"npt_berendsen needs a periodic cell on all three axes; the structure has "
+            f"pbc={atoms.pbc.tolist()}"
+        )
 
 
 def _monitor_context(n_atoms: int, potential: Any = None) -> MonitorContext:
@@ -1446,13 +1463,15 @@ def _resume_meta(cfg: Any, out: Path) -> tuple[dict[str, np.ndarray], dict[str, 
     arrays, meta = read_checkpoint(out / CHECKPOINT)
     old = dict(meta["config"])
     new = cfg.model_dump(mode="json")
-    old.pop("steps", None)
-    new.pop("steps", None)
+    # More steps extend a run; the output directory may have been moved or copied.
+    for key in ("steps", "output"):
+        old.pop(key, None)
+        new.pop(key, None)
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:
         raise UserInputError(
             f"cannot resume: the config differs from the checkpoint's in {', '.join(diff)} "
-            "(only `steps` may change on resume)"
+            "(only `steps` and `output` may change on resume)"
         )
     return arrays, meta
 
@@ -1523,7 +1542,8 @@ def _simulate(
                 good.info.update(
                     step=driver.step, time_fs=driver.step * cfg.timestep_fs, last_good=True
                 )
-                outputs.frame(good)
+                if driver.step % cfg.trajectory_interval != 0:  # else it is there already
+                    outputs.frame(good)
                 from mlipctl.data.io import write_structures_atomic
 
                 write_structures_atomic(out / LAST_GOOD, [good])
@@ -1558,6 +1578,8 @@ def _initial_record(driver: JaxMD | AseMD, atoms: Atoms) -> dict[str, np.ndarray
         stress = atoms.get_stress(voigt=False)
         p = 2.0 * e_kin / (3.0 * atoms.get_volume()) - float(np.trace(stress)) / 3.0
     except Exception:  # noqa: BLE001 - no stress available
+        p = math.nan
+    if not np.all(atoms.pbc) or not np.isfinite(p):
         p = math.nan
     if isinstance(driver, JaxMD):
         # Step 0: every extended variable is still zero, so the conserved quantity is E_tot.
@@ -1804,7 +1826,7 @@ def run_md_with_potential(
     out = Path(cfg.output)
     resume_data = _resume_meta(cfg, out) if resume else None
     atoms = load_structure(cfg.structure) if atoms is None else atoms.copy()
-    _check_structure(atoms)
+    _check_structure(cfg, atoms)
     species = species_indices(atoms, type_map)
     settings = loop_settings(cfg, cutoff, len(atoms))
     monitors = build_monitors(cfg.monitoring.monitors, _monitor_context(len(atoms), potential))
@@ -1844,7 +1866,7 @@ def run_md_with_calculator(
     out = Path(cfg.output)
     resume_data = _resume_meta(cfg, out) if resume else None
     atoms = load_structure(cfg.structure) if atoms is None else atoms.copy()
-    _check_structure(atoms)
+    _check_structure(cfg, atoms)
     monitors = build_monitors(cfg.monitoring.monitors, _monitor_context(len(atoms)))
     m = cfg.monitoring
     driver = AseMD(
