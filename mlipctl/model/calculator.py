@@ -62,22 +62,26 @@ class Evaluator:
         self.ladder = float(ladder)
         self.min_distance = float(min_distance)
         self.max_batch_atoms = int(max_batch_atoms)
-        self.n_traces = 0
-        """Number of times a predict function was traced (= compiled) by this evaluator."""
         self._type_map = self.spec.type_map()
-        self._fns: dict[bool, Any] = {}
+
+    @property
+    def n_traces(self) -> int:
+        """How often the potential's predict functions were traced (= compiled) so far."""
+        return int(self.potential.compiled.get("n_traces", 0))
 
     def _function(self, stress: bool) -> Any:
-        if stress not in self._fns:
+        cache = self.potential.compiled
+        key = ("predict", stress)
+        if key not in cache:
             inner = make_predict(self.spec, stress=stress)
 
             def traced(params: Any, graph: AtomsGraph) -> Prediction:
                 # Runs only while jax traces, i.e. once per new padded shape.
-                self.n_traces += 1
+                cache["n_traces"] = cache.get("n_traces", 0) + 1
                 return inner(params, graph)
 
-            self._fns[stress] = jax.jit(traced)
-        return self._fns[stress]
+            cache[key] = jax.jit(traced)
+        return cache[key]
 
     def check(self, atoms: Atoms, where: str = "") -> None:
         """Raise UserInputError for unknown elements or overlapping atoms."""

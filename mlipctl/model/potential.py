@@ -444,6 +444,9 @@ class Potential:
     metadata: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     created: str | None = None
+    # Jitted functions shared by every calculator/evaluator of this potential (parameters are
+    # arguments, so replacing ``params`` needs no recompilation).
+    compiled: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def initialize(cls, spec: ModelSpec, seed: int = 0) -> Potential:
