@@ -176,12 +176,18 @@ def _ase_barrier(band, model, fmax: float) -> float:
     return max(e) - e[0]
 
 
-def test_batched_band_matches_ase_on_same_potential(morse_band):
+@pytest.fixture(scope="module")
+def ase_morse_barrier(morse_band):
     model, band = morse_band
-    ours = run_neb_images(band, model, fmax=0.005)
-    assert ours.driver == "batched" and ours.converged
-    barrier_ase = _ase_barrier(band, model, 0.005)
-    assert abs(ours.barrier_forward - barrier_ase) < 2e-3
+    return _ase_barrier(band, model, 0.005)
+
+
+@pytest.mark.parametrize("layout", ["flat", "map"])
+def test_batched_band_matches_ase_on_same_potential(morse_band, ase_morse_barrier, layout):
+    model, band = morse_band
+    ours = run_neb_images(band, model, fmax=0.005, layout=layout)
+    assert ours.driver == "batched" and ours.converged and ours.layout == layout
+    assert abs(ours.barrier_forward - ase_morse_barrier) < 2e-3
     # One compiled call per step (plus the final check), each evaluating all images at once.
     assert ours.n_step_calls == ours.steps + 1
     assert ours.n_compiles == 1
@@ -191,6 +197,15 @@ def test_batched_band_matches_ase_on_same_potential(morse_band):
     for im in ours.images:
         assert calc.get_potential_energy(im) == pytest.approx(im.get_potential_energy(), abs=1e-9)
         np.testing.assert_allclose(calc.get_forces(im), im.get_forces(), atol=1e-9)
+
+
+def test_flat_and_map_layouts_take_identical_steps(morse_band):
+    model, band = morse_band
+    runs = [run_neb_images(band, model, fmax=0.05, layout=lay) for lay in ("flat", "map")]
+    assert runs[0].steps == runs[1].steps
+    np.testing.assert_allclose(runs[0].energies, runs[1].energies, atol=1e-9)
+    for a, b in zip(runs[0].images, runs[1].images, strict=True):
+        np.testing.assert_allclose(a.positions, b.positions, atol=1e-9)
 
 
 @pytest.mark.parametrize(
@@ -217,6 +232,7 @@ def test_batched_band_rebuilds_neighbour_list(morse_band):
         assert calc.get_potential_energy(im) == pytest.approx(im.get_potential_energy(), abs=1e-9)
 
 
+@pytest.mark.slow  # three model compilations: 20-30 s on 2 busy cores
 def test_batched_neb_with_model_file(tmp_path):
     from mlipctl.config.model import ModelConfig
     from mlipctl.model.potential import ModelSpec, Potential

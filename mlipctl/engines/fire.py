@@ -275,8 +275,7 @@ class SkinNeighbors:
         self.capacity = 0
         self.n_builds = 0
 
-    def build(self, structures: Sequence[Atoms]) -> AtomsGraph:
-        """Checked (overlaps, unknown elements) numpy graph of ``structures``."""
+    def _pairs(self, structures: Sequence[Atoms]) -> list[Any]:
         pairs = []
         for k, atoms in enumerate(structures):
             where = f" (image {k})" if len(structures) > 1 else ""
@@ -286,10 +285,18 @@ class SkinNeighbors:
             except UserInputError as exc:
                 raise UserInputError(f"{exc}{where}") from None
             pairs.append(neighbor_pairs(atoms, self.cutoff + self.skin))
-        needed = sum(len(p[0]) for p in pairs)
+        return pairs
+
+    def _grow(self, needed: int) -> None:
         if needed > self.capacity:
             # Multiples of 64 edges keep shapes stable across small changes.
             self.capacity = int(math.ceil(needed * (1.0 + self.headroom) / 64.0) * 64)
+
+    def build(self, structures: Sequence[Atoms]) -> AtomsGraph:
+        """Checked (overlaps, unknown elements) numpy graph of all ``structures`` together
+        (B = len(structures) slots, one shared edge capacity)."""
+        pairs = self._pairs(structures)
+        self._grow(sum(len(p[0]) for p in pairs))
         self.n_builds += 1
         return build_graph(
             structures,
@@ -299,6 +306,25 @@ class SkinNeighbors:
             n_structures=len(structures),
             pairs=pairs,
         )
+
+    def build_stacked(self, structures: Sequence[Atoms]) -> AtomsGraph:
+        """One B = 1 graph per structure, stacked on a leading axis (S, ...); here
+        ``capacity`` is the edge capacity of each structure (all same-size structures)."""
+        pairs = self._pairs(structures)
+        self._grow(max(len(p[0]) for p in pairs))
+        self.n_builds += 1
+        graphs = [
+            build_graph(
+                [atoms],
+                self.cutoff + self.skin,
+                self.type_map,
+                n_edges=self.capacity,
+                n_structures=1,
+                pairs=[p],
+            )
+            for atoms, p in zip(structures, pairs, strict=True)
+        ]
+        return AtomsGraph(*(np.stack(leaves) for leaves in zip(*graphs, strict=True)))
 
 
 # --------------------------------------------------------------------------------------------

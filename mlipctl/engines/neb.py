@@ -90,6 +90,7 @@ class NEBResult:
         spline_energy: spline energies relative to E[0], eV.
         spline_barrier_forward: maximum of the spline relative to E[0], eV.
         driver: "batched" or "ase".
+        layout: image layout of the batched driver ("flat" or "map"; "" for ase).
         n_step_calls: compiled step calls (batched driver: one per step plus the last check).
         n_compiles: compilations of the step (batched driver).
         n_rebuilds: neighbour-list rebuilds after the first (batched driver).
@@ -112,6 +113,7 @@ class NEBResult:
     spline_energy: np.ndarray
     spline_barrier_forward: float
     driver: str
+    layout: str = ""
     n_step_calls: int = 0
     n_compiles: int = 0
     n_rebuilds: int = 0
@@ -261,6 +263,10 @@ class BatchedBand:
         optimizer: "fire" or "mdmin".
         skin: neighbour-list skin, Å.
         fire: FIRE settings.
+        layout: "flat": all images in one padded graph with B = M structure slots, one model
+            call; "map": M stacked B = 1 graphs evaluated one after another by ``lax.map``
+            inside the same compiled call (same results; on CPU about 2x faster per image, as
+            the working set of one image stays in cache); "auto": "map" on CPU, else "flat".
     """
 
     def __init__(
@@ -274,7 +280,13 @@ class BatchedBand:
         optimizer: str = "fire",
         skin: float = DEFAULT_SKIN,
         fire: FireParams | None = None,
+        layout: str = "auto",
     ) -> None:
+        if layout not in ("auto", "flat", "map"):
+            raise UserInputError(f"layout must be 'auto', 'flat' or 'map', got {layout!r}")
+        if layout == "auto":
+            layout = "map" if jax.default_backend() == "cpu" else "flat"
+        self.layout = layout
         if optimizer not in BAND_OPTIMIZERS:
             raise UserInputError(
                 f"the batched NEB supports optimizers {BAND_OPTIMIZERS}, got {optimizer!r}"
@@ -325,6 +337,7 @@ class BatchedBand:
         force_fn = make_force_fn(counted, self.model.cutoff)
         m, n = self.n_moving, self.n_atoms
         fire, use_mic, skin, optimizer = self.fire, self.use_mic, self.skin, self.optimizer
+        layout = self.layout
 
         def step(
             params: Any,
@@ -337,7 +350,17 @@ class BatchedBand:
         ) -> tuple[Any, _StepOut]:
             self.n_compiles += 1  # runs only while tracing
             x = state.positions
-            energies, forces = force_fn(params, graph._replace(positions=x.reshape(m * n, 3)))
+            if layout == "flat":
+                flat = graph._replace(positions=x.reshape(m * n, 3))
+                energies, forces = force_fn(params, flat)
+            else:
+                # Stacked per-image graphs, evaluated image after image inside this one call.
+                def one(args: tuple[Any, jax.Array]) -> tuple[jax.Array, jax.Array]:
+                    g, xi = args
+                    e, f = force_fn(params, g._replace(positions=xi))
+                    return e[0], f
+
+                energies, forces = jax.lax.map(one, (graph, x))
             forces = jnp.where(movable[None, :, None], forces.reshape(m, n, 3), 0.0)
             e_all = jnp.concatenate([ends_e[:1], energies, ends_e[1:]])
             springs = spring_constants(e_all, k, variable)
@@ -358,7 +381,10 @@ class BatchedBand:
     def _graph(self, positions: np.ndarray) -> Any:
         for im, x in zip(self.images[1:-1], positions, strict=True):
             im.positions = x
-        return _device(self.neighbors.build(self.images[1:-1]))
+        moving = self.images[1:-1]
+        if self.layout == "flat":
+            return _device(self.neighbors.build(moving))
+        return _device(self.neighbors.build_stacked(moving))
 
     def run(
         self,
@@ -595,6 +621,7 @@ def run_neb_images(
     fmax: float = 0.01,
     max_steps: int = 2000,
     batched: bool | None = None,
+    layout: str = "auto",
     skin: float = DEFAULT_SKIN,
     progress: bool = False,
     checkpoint: Callable[[int, np.ndarray], None] | None = None,
@@ -615,6 +642,7 @@ def run_neb_images(
         batched: force (True) or forbid (False) the batched driver; None: batched for models
             with fire/mdmin. ``batched=False`` with a model runs ASE's NEB with the model's ASE
             calculator on every image.
+        layout: image layout of the batched driver (see :class:`BatchedBand`).
         skin: neighbour-list skin of the batched driver, Å.
         progress: progress bar on stderr.
         checkpoint: called as ``checkpoint(step, positions (M, N, 3))`` every
@@ -654,6 +682,7 @@ def run_neb_images(
                 climb=climb,
                 optimizer=optimizer,
                 skin=skin,
+                layout=layout,
             )
             positions, e_mid, f_mid, max_force, steps, converged = band.run(
                 fmax=fmax,
@@ -668,6 +697,7 @@ def run_neb_images(
             for im, x in zip(final_images[1:-1], positions, strict=True):
                 im.positions = x
             extra = {
+                "layout": band.layout,
                 "n_step_calls": band.n_calls,
                 "n_compiles": band.n_compiles,
                 "n_rebuilds": band.n_rebuilds,
@@ -959,6 +989,7 @@ def run_neb(cfg: NEBConfig, *, resume: bool = False, progress: bool = True) -> R
     if res.driver == "batched":
         results.update(
             {
+                "layout": res.layout,
                 "step_calls": res.n_step_calls,
                 "compilations": res.n_compiles,
                 "neighbor_rebuilds": res.n_rebuilds,

@@ -286,7 +286,8 @@ def relax_atoms(
     t0 = time.perf_counter()
     with progress_bar(progress, max_steps, f"relax ({opt_cfg.kind})") as update:
         opt.attach(observe, interval=1)
-        opt.attach(lambda: update(opt.nsteps, _max_norm(target.get_forces())), interval=1)
+        if progress:
+            opt.attach(lambda: update(opt.nsteps, _max_norm(target.get_forces())), interval=1)
         converged = bool(opt.run(fmax=fmax, steps=max_steps))
     elapsed = time.perf_counter() - t0
     energy = float(work.get_potential_energy())
