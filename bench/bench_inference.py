@@ -1,6 +1,7 @@
 """Inference speed of the default moment-tensor potential: energy + forces of an fcc Cu box.
 
-Reports, for a single model and ensembles of 4 (shallow and deep):
+Reports, for a single model and ensembles of 4 (shallow with per-member forces, shallow with
+forces of the member mean only ("mean-F", energy spreads only), deep):
   * compile time (lower + XLA compile) and steady-state time per call (median of repeats),
   * atom-evaluations per second and the ensemble/single time ratio,
   * FLOPs per call from XLA's cost analysis and the achieved rate as a fraction of a nominal
@@ -41,13 +42,15 @@ def _time(fn: Any, repeats: int) -> list[float]:
     return out
 
 
-def bench_model(atoms: Any, ensemble: EnsembleConfig, repeats: int, peak: float) -> dict:
+def bench_model(
+    atoms: Any, ensemble: EnsembleConfig, repeats: int, peak: float, member_forces: bool = True
+) -> dict:
     spec = ModelSpec(ModelConfig(ensemble=ensemble), species=("Cu",), offsets=(0.0,))
     t0 = time.perf_counter()
     graph = jax.device_put(build_graph([atoms], spec.cutoff, spec.type_map()))
     t_graph = time.perf_counter() - t0
     params = init_params(spec, 0)
-    predict = make_predict(spec, stress=False)
+    predict = make_predict(spec, stress=False, member_forces=member_forces)
     t0 = time.perf_counter()
     lowered = jax.jit(predict).lower(params, graph)
     compiled = lowered.compile()
@@ -60,7 +63,9 @@ def bench_model(atoms: Any, ensemble: EnsembleConfig, repeats: int, peak: float)
     flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
     t = statistics.median(times)
     return {
-        "ensemble": f"{ensemble.kind}" + (f" x{ensemble.size}" if ensemble.size > 1 else ""),
+        "ensemble": f"{ensemble.kind}"
+        + (f" x{ensemble.size}" if ensemble.size > 1 else "")
+        + ("" if member_forces else " mean-F"),
         "members": spec.n_members,
         "atoms": len(atoms),
         "edges": int(np.asarray(graph.edge_mask).sum()),
@@ -101,28 +106,29 @@ def main() -> None:
         f"{os.cpu_count()} CPUs; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}"
     )
     rows = [
-        bench_model(atoms, ens, args.repeats, args.peak)
-        for ens in (
-            EnsembleConfig(),
-            EnsembleConfig(kind="shallow", size=4),
-            EnsembleConfig(kind="deep", size=4),
+        bench_model(atoms, ens, args.repeats, args.peak, member_forces)
+        for ens, member_forces in (
+            (EnsembleConfig(), True),
+            (EnsembleConfig(kind="shallow", size=4), True),
+            (EnsembleConfig(kind="shallow", size=4), False),
+            (EnsembleConfig(kind="deep", size=4), True),
         )
     ]
     single = rows[0]["time_s"]
     header = (
-        f"{'model':14s} {'compile s':>9s} {'ms/call':>9s} {'atoms/s':>10s} "
+        f"{'model':20s} {'compile s':>9s} {'ms/call':>9s} {'atoms/s':>10s} "
         f"{'ratio':>6s} {'GFLOP':>7s} {'GFLOP/s':>8s} {'peak %':>7s}"
     )
     print(header)
     for r in rows:
         r["ratio_to_single"] = r["time_s"] / single
         print(
-            f"{r['ensemble']:14s} {r['compile_s']:9.1f} {r['time_s'] * 1e3:9.1f} "
+            f"{r['ensemble']:20s} {r['compile_s']:9.1f} {r['time_s'] * 1e3:9.1f} "
             f"{r['atom_evals_per_s']:10.0f} {r['ratio_to_single']:6.2f} "
             f"{r['gflop_per_call']:7.2f} {r['gflop_per_s']:8.2f} {100 * r['fraction_of_peak']:6.1f}%"
         )
     emt = bench_emt(atoms, max(2, args.repeats // 2))
-    print(f"{'ASE EMT':14s} {'':9s} {emt['time_s'] * 1e3:9.1f} {emt['atom_evals_per_s']:10.0f}")
+    print(f"{'ASE EMT':20s} {'':9s} {emt['time_s'] * 1e3:9.1f} {emt['atom_evals_per_s']:10.0f}")
     print(
         f"neighbour list (vesin, build_graph): {rows[0]['neighbour_list_s'] * 1e3:.0f} ms, "
         f"{rows[0]['edges']} directed edges"

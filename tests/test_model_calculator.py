@@ -190,3 +190,17 @@ def test_bfgs_lowers_the_energy(potential):
     assert opt.nsteps == 4
     assert energies[-1] < energies[0]
     assert np.all(np.isfinite(atoms.get_forces()))
+
+
+def test_mean_forces_mode_gives_energy_spreads_only(potential):
+    atoms = _cell(12)
+    atoms.calc = potential.calculator()
+    atoms.get_stress()
+    full = dict(atoms.calc.results)
+    atoms.calc = potential.calculator(member_forces=False)
+    atoms.get_stress()
+    cheap = atoms.calc.results
+    assert "forces_std" not in cheap and "stress_std" not in cheap
+    assert cheap["energy_std"] == pytest.approx(full["energy_std"], rel=1e-6)
+    np.testing.assert_allclose(cheap["forces"], full["forces"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(cheap["stress"], full["stress"], rtol=1e-5, atol=1e-8)

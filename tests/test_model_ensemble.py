@@ -190,3 +190,16 @@ def test_feature_scaling_standardises_training_descriptors(graph):
         # Unit spread, except features whose spread is below the floor (1% of their RMS).
         assert np.all(std <= 1.0 + 1e-6)
         assert np.mean(np.abs(std - 1.0) < 1e-6) > 0.8
+
+
+@pytest.mark.parametrize("kind", ["shallow", "deep"])
+def test_mean_forces_mode_equals_mean_of_members(graph, kind):
+    spec = _spec(kind, 3)
+    params = init_params(spec, 8)
+    full = jax.jit(make_predict(spec, stress=True))(params, graph)
+    mean = jax.jit(make_predict(spec, stress=True, member_forces=False))(params, graph)
+    assert mean.forces.shape == (1, 16, 3) and mean.stress.shape == (1, 3, 3, 3)
+    np.testing.assert_allclose(mean.energy, full.energy, rtol=1e-12)
+    np.testing.assert_allclose(mean.atom_energy, full.atom_energy, atol=1e-12)
+    np.testing.assert_allclose(mean.forces[0], full.forces.mean(axis=0), atol=1e-12)
+    np.testing.assert_allclose(mean.stress[0], full.stress.mean(axis=0), atol=1e-12)

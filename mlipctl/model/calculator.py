@@ -47,6 +47,9 @@ class Evaluator:
         ladder: growth factor of the capacity ladder (larger: fewer compilations, more padding).
         min_distance: atoms closer than this (Å) are rejected as overlapping.
         max_batch_atoms: :meth:`evaluate` packs several structures per call up to this many atoms.
+        member_forces: compute every member's forces and stress (for their spreads). False:
+            forces/stress of the member mean from one reverse pass (a shallow ensemble then
+            costs about as much as one model), with energy spreads only.
     """
 
     def __init__(
@@ -56,12 +59,14 @@ class Evaluator:
         ladder: float = 1.25,
         min_distance: float = 0.5,
         max_batch_atoms: int = 4096,
+        member_forces: bool = True,
     ) -> None:
         self.potential = potential
         self.spec = potential.spec
         self.ladder = float(ladder)
         self.min_distance = float(min_distance)
         self.max_batch_atoms = int(max_batch_atoms)
+        self.member_forces = bool(member_forces)
         self._type_map = self.spec.type_map()
 
     @property
@@ -71,9 +76,9 @@ class Evaluator:
 
     def _function(self, stress: bool) -> Any:
         cache = self.potential.compiled
-        key = ("predict", stress)
+        key = ("predict", stress, self.member_forces)
         if key not in cache:
-            inner = make_predict(self.spec, stress=stress)
+            inner = make_predict(self.spec, stress=stress, member_forces=self.member_forces)
 
             def traced(params: Any, graph: AtomsGraph) -> Prediction:
                 # Runs only while jax traces, i.e. once per new padded shape.
@@ -160,7 +165,7 @@ class Evaluator:
         index: int,
     ) -> dict[str, Any]:
         energy = pred.energy[:, slot]  # (K,)
-        forces = pred.forces[:, start:stop]  # (K, n, 3)
+        forces = pred.forces[:, start:stop]  # (K, n, 3), or (1, n, 3) for the member mean
         energies = pred.atom_energy[:, start:stop]  # (K, n)
         stress = _voigt(pred.stress[:, slot]) if periodic and pred.stress is not None else None
         arrays = [energy, forces, energies] + ([stress] if stress is not None else [])
@@ -186,12 +191,14 @@ class Evaluator:
             s_scale = float(cal.get("stress", 1.0))
             res["energy_std"] = float(energy.std(ddof=1)) * e_scale
             res["energies_std"] = energies.std(axis=0, ddof=1) * e_scale
-            res["forces_std"] = forces.std(axis=0, ddof=1) * f_scale
-            if stress is not None:
+            if forces.shape[0] >= 2:
+                res["forces_std"] = forces.std(axis=0, ddof=1) * f_scale
+            if stress is not None and stress.shape[0] >= 2:
                 res["stress_std"] = stress.std(axis=0, ddof=1) * s_scale
         res["energy_members"] = energy.copy()
         if members:
-            res["forces_members"] = forces.copy()
+            if forces.shape[0] == n_members:
+                res["forces_members"] = forces.copy()
             res["energies_members"] = energies.copy()
         return res
 
@@ -212,11 +219,14 @@ class MLIPCalculator(Calculator):
         *,
         ladder: float = 1.25,
         min_distance: float = 0.5,
+        member_forces: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.potential = potential
-        self.evaluator = Evaluator(potential, ladder=ladder, min_distance=min_distance)
+        self.evaluator = Evaluator(
+            potential, ladder=ladder, min_distance=min_distance, member_forces=member_forces
+        )
 
     @property
     def n_traces(self) -> int:

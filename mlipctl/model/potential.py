@@ -245,41 +245,54 @@ def _single_energy(spec: ModelSpec) -> Callable[[PyTree, AtomsGraph], Array]:
     return energy
 
 
-def _single_predict(spec: ModelSpec, stress: bool) -> Callable[[PyTree, AtomsGraph], Prediction]:
+def _member_atom_energies(
+    spec: ModelSpec, params: PyTree, graph: AtomsGraph, vectors: Array
+) -> Array:
+    """(K, N) float64 per-atom energies of all members."""
+    if spec.config.ensemble.kind == "deep":
+        return jax.vmap(lambda p: _atom_energies(spec, p, graph, vectors)[0])(params)
+    return _atom_energies(spec, params, graph, vectors)
+
+
+def _inverse_volume(graph: AtomsGraph) -> Array:
+    """(B,) 1/V, or 0 for slots whose cell has no volume (non-periodic, padding)."""
+    volume = jnp.abs(jnp.linalg.det(jnp.asarray(graph.cell, jnp.float64)))
+    has_volume = volume > 1e-9
+    return jnp.where(has_volume, 1.0 / jnp.where(has_volume, volume, 1.0), 0.0)
+
+
+def _predict_fn(
+    spec: ModelSpec, stress: bool, member_forces: bool
+) -> Callable[[PyTree, AtomsGraph], Prediction]:
+    """Predict for a parameter set whose outputs have ``heads`` members (not vmapped)."""
+    heads = spec.n_members if not member_forces else _heads(spec)
+    energies = _member_atom_energies if not member_forces else _atom_energies
+
     def predict(params: PyTree, graph: AtomsGraph) -> Prediction:
         positions = jnp.asarray(graph.positions, jnp.float64)
-        n_slots = graph.cell.shape[0]
-        strain = jnp.zeros((n_slots, 3, 3), jnp.float64)
+        strain = jnp.zeros((graph.cell.shape[0], 3, 3), jnp.float64)
 
         def total(pos: Array, eps: Array | None) -> tuple[Array, tuple[Array, Array]]:
-            atom_energy = _atom_energies(spec, params, graph, _edge_vectors(graph, pos, eps))
+            atom_energy = energies(spec, params, graph, _edge_vectors(graph, pos, eps))
             energy = _structure_sum(atom_energy, graph)
             # Structures are independent, so d(sum_b E_b)/dx gives every structure's forces.
             return energy.sum(axis=1), (energy, atom_energy)
 
-        heads = _heads(spec)
-        cotangents = jnp.eye(heads, dtype=jnp.float64)
-
-        def pullback(vjp: Callable[[Array], tuple[Array, ...]]) -> tuple[Array, ...]:
-            # One plain VJP per head, stacked: vmapping the VJP over heads batches the
-            # gathers and scatters of the backward pass, which XLA runs far slower on CPU.
-            grads = [vjp(cotangents[k]) for k in range(heads)]
-            return tuple(jnp.stack(parts) for parts in zip(*grads, strict=True))
-
+        if member_forces:
+            cotangents = [jnp.eye(heads, dtype=jnp.float64)[k] for k in range(heads)]
+        else:  # one reverse pass for the derivatives of the member mean
+            cotangents = [jnp.full((heads,), 1.0 / heads, jnp.float64)]
+        primals = (positions, strain) if stress else (positions,)
+        fn = total if stress else (lambda pos: total(pos, None))
+        _, vjp, (energy, atom_energy) = jax.vjp(fn, *primals, has_aux=True)
+        # One plain VJP per head, stacked: vmapping the VJP over heads batches the gathers and
+        # scatters of the backward pass, which XLA runs far slower on CPU.
+        grads = [vjp(ct) for ct in cotangents]
+        grad_pos = jnp.stack([g[0] for g in grads])
+        sigma = None
         if stress:
-            _, vjp, (energy, atom_energy) = jax.vjp(total, positions, strain, has_aux=True)
-            grad_pos, grad_eps = pullback(vjp)
-            cell = jnp.asarray(graph.cell, jnp.float64)
-            volume = jnp.abs(jnp.linalg.det(cell))
-            has_volume = volume > 1e-9
-            inv_volume = jnp.where(has_volume, 1.0 / jnp.where(has_volume, volume, 1.0), 0.0)
-            sigma = grad_eps * inv_volume[None, :, None, None]
-        else:
-            _, vjp, (energy, atom_energy) = jax.vjp(
-                lambda pos: total(pos, None), positions, has_aux=True
-            )
-            (grad_pos,) = pullback(vjp)
-            sigma = None
+            grad_eps = jnp.stack([g[1] for g in grads])
+            sigma = grad_eps * _inverse_volume(graph)[None, :, None, None]
         return Prediction(energy=energy, forces=-grad_pos, stress=sigma, atom_energy=atom_energy)
 
     return predict
@@ -297,15 +310,22 @@ def make_energy(spec: ModelSpec) -> Callable[[PyTree, AtomsGraph], Array]:
     return energy
 
 
-def make_predict(spec: ModelSpec, *, stress: bool) -> Callable[[PyTree, AtomsGraph], Prediction]:
+def make_predict(
+    spec: ModelSpec, *, stress: bool, member_forces: bool = True
+) -> Callable[[PyTree, AtomsGraph], Prediction]:
     """Pure, jittable ``predict(params, graph) -> Prediction`` with all K members.
 
     Differentiable with respect to ``params`` (for force/stress losses), so a training step can
     wrap it in ``jax.value_and_grad`` directly; the ensemble axis is handled here.
+
+    With ``member_forces=False``, energies and per-atom energies are still per member (K, ...),
+    but ``forces`` (1, N, 3) and ``stress`` (1, B, 3, 3) are those of the member mean: one
+    reverse pass instead of K, so a shallow ensemble costs about as much as a single model
+    (energy spreads only, no force spreads).
     """
-    single = _single_predict(spec, stress)
-    if spec.config.ensemble.kind != "deep":
-        return single
+    if not member_forces or spec.config.ensemble.kind != "deep":
+        return _predict_fn(spec, stress, member_forces)
+    single = _predict_fn(spec, stress, True)
 
     def predict(params: PyTree, graph: AtomsGraph) -> Prediction:
         out = jax.vmap(single, in_axes=(0, None))(params, graph)
