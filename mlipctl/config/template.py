@@ -25,7 +25,12 @@ def _scalar(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int | float):
+    if isinstance(value, float):
+        text = repr(value)
+        # YAML 1.1 (PyYAML) reads 1e-08 as a string: the mantissa needs a dot.
+        mant, e, exp = text.partition("e")
+        return f"{mant}.0e{exp}" if e and "." not in mant else text
+    if isinstance(value, int):
         return repr(value)
     text = str(value)
     return json.dumps(text) if (not text or any(c in text for c in ":#{}[],&*!|>'\"%@`")) else text
