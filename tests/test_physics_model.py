@@ -293,16 +293,45 @@ def test_energy_and_forces_continuous_at_cutoff(model):
     np.testing.assert_allclose(tight.forces[0], skin.forces[0], atol=1e-14)
 
 
-def test_float32_model_keeps_float64_sums(model):
-    spec64, params64, _, predict64 = model
-    spec = _spec("float32")
-    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(init_params(spec, 0)))
-    params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params64)
-    graph = _graph(spec, [_bulk_cuni()])
-    pred = jax.jit(make_predict(spec, stress=True))(params, graph)
+def test_float32_model_keeps_float64_sums():
+    # A small order-1 model keeps the two extra compilations cheap.
+    arch = MomentModelConfig(cutoff=CUTOFF, n_basis=4, n_radial=2, max_order=1, hidden=(4,))
+
+    def spec(dtype: str) -> ModelSpec:
+        return ModelSpec(ModelConfig(architecture=arch, dtype=dtype), ("Cu", "Ni"), (-1.0, -2.0))
+
+    params = init_params(spec("float32"), 0)
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params))
+    graph = _graph(spec("float32"), [_bulk_cuni()])
+    pred = jax.jit(make_predict(spec("float32"), stress=True))(params, graph)
     assert pred.energy.dtype == jnp.float64
     assert pred.forces.dtype == jnp.float64
     assert pred.atom_energy.dtype == jnp.float64
-    ref = predict64(params64, graph)
-    np.testing.assert_allclose(pred.energy, ref.energy, rtol=1e-5)
-    np.testing.assert_allclose(pred.forces, ref.forces, atol=1e-3 * float(np.abs(ref.forces).max()))
+    params64 = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), params)
+    ref = jax.jit(make_predict(spec("float64"), stress=True))(params64, graph)
+    np.testing.assert_allclose(pred.energy, ref.energy, rtol=1e-6)
+    np.testing.assert_allclose(pred.forces, ref.forces, atol=1e-4 * float(np.abs(ref.forces).max()))
+
+
+def test_bessel_basis_forces_and_cutoff():
+    arch = MomentModelConfig(cutoff=CUTOFF, basis="bessel", n_basis=4, n_radial=2, max_order=1)
+    spec = ModelSpec(ModelConfig(architecture=arch, dtype="float64"), ("Cu", "Ni"), (0.0, 0.0))
+    params = init_params(spec, 1)
+    energy = jax.jit(make_energy(spec))
+    atoms = _cluster(seed=6, n=5)
+    graph = _graph(spec, [atoms])
+    forces = np.asarray(jax.jit(make_predict(spec, stress=False))(params, graph).forces[0, :5])
+    assert np.abs(forces).max() > 1e-3
+    h = 1e-5
+    for i, a in ((0, 0), (3, 2)):
+        pos = np.array(graph.positions)
+        pos[i, a] += h
+        e_plus = float(energy(params, _with_positions(graph, pos))[0, 0])
+        pos[i, a] -= 2 * h
+        e_minus = float(energy(params, _with_positions(graph, pos))[0, 0])
+        assert forces[i, a] == pytest.approx(-(e_plus - e_minus) / (2 * h), abs=1e-6)
+    pair = Atoms("CuNi", positions=[[0, 0, 0], [0, 0, CUTOFF - 1e-4]], pbc=False)
+    far = Atoms("CuNi", positions=[[0, 0, 0], [0, 0, CUTOFF + 1e-4]], pbc=False)
+    e_in = float(energy(params, _graph(spec, [pair], CUTOFF + 1.0))[0, 0])
+    e_out = float(energy(params, _graph(spec, [far], CUTOFF + 1.0))[0, 0])
+    assert abs(e_in - e_out) < 1e-9
