@@ -12,8 +12,9 @@ Per directed edge i -> j with vector r_ij (length r, direction u = r_ij / r):
    accumulated as their unique components (1 + 3 + 6 + 10) to halve the edge work.
 4. Rotation invariants: M0; M1.M1, M2:M2, M3:M3 (all channel pairs c1 <= c2); the 4-body
    contractions M1.M2.M1, tr(M2 M2 M2), M1.M3:M2 and (M3:M3):M2 over channel triples.
-5. Per-element MLP on the invariants -> ``n_out`` numbers per atom (1, or the K heads of a
-   shallow ensemble).
+5. Per-element affine standardisation of the invariants (trainable, set from data by
+   ``fit_feature_scaling``), then a per-element MLP -> ``n_out`` numbers per atom (1, or the K
+   heads of a shallow ensemble).
 
 Shapes: E edges, N atoms, C = n_radial channels, F = :func:`n_features`.
 """
