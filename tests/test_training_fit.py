@@ -64,7 +64,7 @@ def _cfg(data_path, out, **training) -> FitConfig:
     t = {
         "max_epochs": 8,
         "batch_size": 2,
-        "optimizer": {"kind": "adam", "learning_rate": 0.03},
+        "optimizer": {"kind": "adam", "learning_rate": 0.01},
         "schedule": {"kind": "cosine", "warmup_epochs": 0, "final_fraction": 0.1},
         "plots": False,
     }
@@ -153,6 +153,8 @@ def test_deep_ensemble_trains_in_one_step_members_differ_and_are_independent(emt
         "dtype": "float64",
         "clip_grad_norm": 0.5,
         "optimizer": {"kind": "sgd", "learning_rate": 0.05, "momentum": 0.9},
+        # The best epoch is chosen on the ensemble mean, so compare the last parameters.
+        "keep_best": False,
     }
     deep = run_fit(
         _cfg(emt_data, tmp_path / "deep", ensemble={"kind": "deep", "size": 3}, **common),

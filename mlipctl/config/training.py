@@ -257,10 +257,16 @@ class TrainingConfig(StrictModel):
         default_factory=CheckpointConfig, description="Checkpoint intervals."
     )
     standardize_features: bool = Field(
-        default=False,
+        default=True,
         description="Before training, set the model's per-element descriptor shift/scale to the "
-        "training data's mean and 1/std (they keep training afterwards). Off by default: on "
-        "mlearn Cu it made the first epochs diverge (rare surface atoms lie ~25 std out).",
+        "training data's mean and 1/std (raw moment invariants of near-crystalline data are "
+        "~1e-5 and nearly constant, which makes the start of training very slow).",
+    )
+    freeze_feature_scaling: bool = Field(
+        default=True,
+        description="Keep the descriptor shift/scale fixed while training. They are in raw "
+        "descriptor units, where Adam's step of ~learning_rate per update is a huge change "
+        "(on mlearn Cu training them made the loss diverge).",
     )
     seed: int = Field(
         default=0, ge=0, description="Seed of the initial parameters and of the data order."

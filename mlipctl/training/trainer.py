@@ -222,6 +222,20 @@ def _clip(grads: Any, max_norm: float | None, per_member: bool) -> Any:
     return jax.tree_util.tree_map(lambda g: g * factor.astype(g.dtype), grads)
 
 
+FROZEN_LEAVES = ("feature_shift", "feature_scale")
+"""Parameter names of the model's descriptor standardisation: statistics, frozen by default."""
+
+
+def _zero_frozen(tree: Any) -> Any:
+    """Zeros for the leaves under a key in :data:`FROZEN_LEAVES`, the rest unchanged."""
+
+    def f(path: tuple[Any, ...], x: Any) -> Any:
+        names = {getattr(k, "key", None) for k in path}
+        return jnp.zeros_like(x) if names & set(FROZEN_LEAVES) else x
+
+    return jax.tree_util.tree_map_with_path(f, tree)
+
+
 def _to_host(tree: Any) -> Any:
     return jax.tree_util.tree_map(np.asarray, tree)
 
@@ -246,6 +260,8 @@ def make_train_step(
     ema_decay = float(tcfg.ema_decay)
     clip = tcfg.clip_grad_norm
 
+    freeze = bool(getattr(tcfg, "freeze_feature_scaling", True))
+
     def step_fn(
         st: TrainState, graph: Any, targets: Any, lr: jax.Array, step: jax.Array
     ) -> tuple[TrainState, jax.Array]:
@@ -256,8 +272,13 @@ def make_train_step(
             return jnp.sum(parts.total), parts
 
         grads, parts = jax.grad(loss_fn, has_aux=True)(st.params)
+        if freeze:
+            # Before clipping, so frozen leaves do not count in the norm.
+            grads = _zero_frozen(grads)
         grads = _clip(grads, clip, per_member)
         updates, opt_state = tx.update(grads, st.opt_state, st.params)
+        if freeze:
+            updates = _zero_frozen(updates)  # also no weight decay on them
         params = jax.tree_util.tree_map(
             lambda p, u: p - (lr * u).astype(p.dtype), st.params, updates
         )
