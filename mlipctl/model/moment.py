@@ -12,7 +12,7 @@ Per directed edge i -> j with vector r_ij (length r, direction u = r_ij / r):
    accumulated as their unique components (1 + 3 + 6 + 10) to halve the edge work.
 4. Rotation invariants: M0; M1.M1, M2:M2, M3:M3 (all channel pairs c1 <= c2); the 4-body
    contractions M1.M2.M1, tr(M2 M2 M2), M1.M3:M2 and (M3:M3):M2 over channel triples.
-5. Per-element affine standardisation of the invariants (trainable, set from data by
+5. Per-element affine standardisation of the invariants (set from data by
    ``fit_feature_scaling``), then a per-element MLP -> ``n_out`` numbers per atom (1, or the K
    heads of a shallow ensemble).
 
@@ -309,9 +309,11 @@ class MomentModel(nn.Module):
             self.dtype,
         )
         n_feat = n_features(cfg.n_radial, cfg.max_order)
-        # Affine standardisation of the invariants per element (trainable; set from data by
-        # mlipctl.model.potential.fit_feature_scaling). Invariants span many orders of
-        # magnitude (odd moments nearly vanish in crystals), which an MLP fits badly unscaled.
+        # Affine standardisation of the invariants per element, set from data by
+        # mlipctl.model.potential.fit_feature_scaling. Invariants span many orders of magnitude
+        # (odd moments nearly vanish in crystals), which an MLP fits badly unscaled. These are
+        # statistics in raw units: training should freeze them (Adam's ~lr steps would swamp
+        # them); they sit in the params tree so the model file carries them.
         self.feature_shift = self.param(
             "feature_shift", nn.initializers.zeros, (self.n_species, n_feat), self.dtype
         )

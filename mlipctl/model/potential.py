@@ -385,7 +385,9 @@ def fit_feature_scaling(
         graphs: padded batches, e.g. the training set (all atoms are used, padding ignored).
 
     Returns:
-        A new parameter tree (the input is not modified).
+        A new parameter tree (the input is not modified). Keep ``feature_shift`` and
+        ``feature_scale`` frozen during training: they are in raw units, where an optimiser's
+        step is far larger than a feature's spread.
     """
     module = _module(spec)
     deep = spec.config.ensemble.kind == "deep"
