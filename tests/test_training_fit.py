@@ -322,3 +322,38 @@ def test_early_stopping_stops_and_keeps_best(emt_data, tmp_path):
     # standardize_features set the descriptor shift from the data before training.
     shift = np.asarray(load_potential(res.model_path).params["params"]["feature_shift"])
     assert np.abs(shift).max() > 0
+
+
+@pytest.mark.slow
+def test_resume_after_kill_minus_9_of_a_real_process(emt_data, tmp_path):
+    """SIGKILL a fit running in another process after its first checkpoints, then resume."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    kw = {"max_epochs": 6, "checkpoint": {"every_epochs": 1, "every_seconds": None}}
+    cfg = _cfg(emt_data, tmp_path / "killed", **kw)
+    code = (
+        "import json, sys; from mlipctl.config.fit import FitConfig; "
+        "from mlipctl.training.trainer import run_fit; "
+        "run_fit(FitConfig.model_validate(json.loads(sys.argv[1])), progress=False)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, cfg.model_dump_json()])
+    ckpt = tmp_path / "killed" / CHECKPOINT_NAME
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if ckpt.exists() and int(load_checkpoint(ckpt)["trainer"]["epoch"]) >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the fit ended before it could be killed"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    resumed = run_fit(cfg, resume=True, progress=False)
+    full = run_fit(_cfg(emt_data, tmp_path / "full", **kw), progress=False)
+    a, b = full.metrics["test"]["overall"], resumed.metrics["test"]["overall"]
+    for key in ("energy_mae", "forces_mae", "stress_rmse"):
+        assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), key
