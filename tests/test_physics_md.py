@@ -171,7 +171,8 @@ def test_berendsen_npt_relaxes_pressure(tmp_path):
 
 def test_model_file_md_matches_ase_velocity_verlet(tmp_path):
     """The jitted loop and ASE's VelocityVerlet through the model's calculator agree step for
-    step (same initial velocities, float64 model): units, integrator and forces are consistent."""
+    step (same initial velocities, float64 model): units, integrator and forces are consistent;
+    and NVE with the model conserves energy."""
     from mlipctl.config.model import ModelConfig
     from mlipctl.engines.md import run_md
     from mlipctl.model.potential import ModelSpec, Potential
@@ -187,8 +188,8 @@ def test_model_file_md_matches_ase_velocity_verlet(tmp_path):
     pot = Potential.initialize(spec, seed=0)
     path = pot.save(tmp_path / "m.mlip")
     common = {
-        "steps": 60,
-        "trajectory_interval": 20,
+        "steps": 200,
+        "trajectory_interval": 50,
         "log_interval": 5,
         "ensemble": {"kind": "nve"},
         "structure": {"kind": "crystal", "element": "Cu", "supercell": [2, 2, 2]},
@@ -208,7 +209,14 @@ def test_model_file_md_matches_ase_velocity_verlet(tmp_path):
 
     fa = ase.io.read(Path(jax_cfg.output) / TRAJECTORY, index=":")
     fb = ase.io.read(Path(ase_cfg.output) / TRAJECTORY, index=":")
-    assert len(fa) == len(fb) == 4
+    assert len(fa) == len(fb) == 5
     for x, y in zip(fa, fb, strict=True):
         np.testing.assert_allclose(x.positions, y.positions, atol=1e-7)
         np.testing.assert_allclose(x.get_velocities(), y.get_velocities(), atol=1e-7)
+    # NVE with the float64 model itself: same drift bound as the Morse runs.
+    drift = drift_mev_per_atom_ps(a["time_fs"], a["e_tot_eV"], 32)
+    dev = float(np.max(np.abs(a["e_tot_eV"] - a["e_tot_eV"][0]))) * 1000.0 / 32
+    print(
+        f"\nmodel (float64) NVE 0.2 ps: drift {drift:+.2e} meV/atom/ps, max |dE| {dev:.2e} meV/atom"
+    )
+    assert abs(drift) < NVE_DRIFT_BOUND and dev < NVE_FLUCTUATION_BOUND

@@ -444,7 +444,7 @@ def _make_chunk_fn(
                 "conserved": integ.conserved_energy(st1, ens, s.n_dof),
                 # Without periodicity on all axes there is no volume, so no pressure.
                 "pressure": integ.pressure(st1) if periodic else jnp.full((), jnp.nan),
-                "volume": volume,
+                "volume": volume if periodic else jnp.full((), jnp.nan),
                 "max_force": fmax,
                 "mon_values": values,
                 "flagged_by": by & ~revert,
@@ -1154,7 +1154,7 @@ class AseMD:
                         "e_kin": e_kin,
                         "conserved": self._conserved(e_pot, e_kin),
                         "pressure": self._pressure(e_kin),
-                        "volume": float(a.get_volume()),
+                        "volume": float(a.get_volume()) if np.all(a.pbc) else math.nan,
                         "max_force": fmax,
                         "mon_values": values,
                         "flagged_by": by,
@@ -1595,7 +1595,7 @@ def _initial_record(driver: JaxMD | AseMD, atoms: Atoms) -> dict[str, np.ndarray
         "e_kin": np.array([e_kin]),
         "conserved": np.array([conserved]),
         "pressure": np.array([p]),
-        "volume": np.array([atoms.get_volume()]),
+        "volume": np.array([atoms.get_volume() if np.all(atoms.pbc) else math.nan]),
         "max_force": np.array([np.sqrt(np.max(np.sum(forces * forces, axis=1)))]),
     }
 
