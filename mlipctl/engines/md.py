@@ -473,9 +473,6 @@ def _make_chunk_fn(
     return jax.jit(chunk)
 
 
-_build_cell_list_jit = jax.jit(build_cell_list, static_argnums=(2, 3, 4, 5))
-
-
 def _prng_key(seed: int) -> np.ndarray:
     """Raw uint32[2] PRNG key, as ``jax.random.PRNGKey(seed)`` (built on the host)."""
     s = int(seed) & 0xFFFFFFFFFFFFFFFF
@@ -602,28 +599,18 @@ class JaxMD:
     # -- set-up ---------------------------------------------------------------------------
 
     def _initial_neighbors(self, positions: np.ndarray, cell: np.ndarray) -> NeighborList:
+        """Skin list from the host builder (any mode: the in-loop cell list takes over at the
+        first rebuild; building on the host saves compiling the builder a second time)."""
         while True:
+            nl, n_edges = host_neighbor_list(
+                positions, cell, self.pbc, self.r_list, self.edge_capacity
+            )
+            need_bin = 0
             if self.mode == "cells":
-                t0 = time.perf_counter()
-                nl, stats = _build_cell_list_jit(
-                    positions, cell, self.r_list, self.dims, self.cell_capacity, self.edge_capacity
-                )
-                self.compile_seconds += time.perf_counter() - t0
-                if not bool(overflowed(stats, self.cell_capacity, self.edge_capacity)):
-                    return nl
-                self._grow(
-                    need_edges=int(stats.n_edges),
-                    need_bin=int(stats.max_bin),
-                    bins_ok=bool(stats.bins_ok),
-                    cell=cell,
-                )
-            else:
-                nl, n_edges = host_neighbor_list(
-                    positions, cell, self.pbc, self.r_list, self.edge_capacity
-                )
-                if n_edges <= self.edge_capacity:
-                    return nl
-                self._grow(need_edges=n_edges)
+                need_bin = count_bin_occupancy(positions, cell, self.dims)
+            if n_edges <= self.edge_capacity and need_bin <= self.cell_capacity:
+                return nl
+            self._grow(need_edges=n_edges, need_bin=need_bin)
 
     def _evaluate_initial(self, state: integ.MDState) -> integ.MDState:
         init_jit = _initial_eval_fn(self._force_fn, self.cutoff)
