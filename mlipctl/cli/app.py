@@ -148,6 +148,9 @@ def quickstart(
         str | None,
         typer.Option(help="full (default) or ci (reduced smoke run); env MLIPCTL_QUICKSTART."),
     ] = None,
+    until: Annotated[
+        str | None, typer.Option(help="Last step: generate, label, fit or validate (default).")
+    ] = None,
     output: OutputOpt = None,
     set_: SetOpt = None,
     as_json: JsonOpt = False,
@@ -155,7 +158,7 @@ def quickstart(
 ) -> None:
     """The main job on EMT: generate and label structures, fit an ensemble, validate the vacancy."""
     scale = scale or os.environ.get("MLIPCTL_QUICKSTART") or None
-    ov = _overrides(set_, element=element, scale=scale, output=output)
+    ov = _overrides(set_, element=element, scale=scale, until=until, output=output)
     _execute("quickstart", config, ov, as_json=as_json, progress=progress)
 
 

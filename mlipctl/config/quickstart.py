@@ -22,5 +22,8 @@ class QuickstartConfig(StrictModel):
     max_epochs: int | None = Field(
         default=None, ge=1, description="Training epochs (None: the scale's default)."
     )
+    until: Literal["generate", "label", "fit", "validate"] = Field(
+        default="validate", description="Last step to run (the steps run in this order)."
+    )
     seed: int = Field(default=0, ge=0, description="Seed of generation, splits and training.")
     output: str = Field(default="quickstart", description="Output directory (one folder a step).")

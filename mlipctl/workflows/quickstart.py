@@ -55,7 +55,7 @@ def step_configs(cfg: QuickstartConfig) -> dict[str, dict[str, Any]]:
         "reference": {"kind": "emt"},
         "output": str(out / "label"),
     }
-    epochs = cfg.max_epochs or (3 if ci else 60)
+    epochs = cfg.max_epochs or (3 if ci else 40)
     fit = {
         "name": f"quickstart-{cfg.element}",
         "output": str(out / "fit"),
@@ -138,6 +138,12 @@ def run_quickstart(cfg: QuickstartConfig, *, resume: bool = False, progress: boo
         criteria.extend(c.model_copy(update={"name": f"{name}.{c.name}"}) for c in report.criteria)
         if not report.passed:
             messages.append(f"{name} failed; later steps were not run")
+            break
+        if name == cfg.until:
+            if name != "validate":
+                messages.append(
+                    f"stopped after {name} as asked (until: {name}); nothing was validated"
+                )
             break
     return Report(
         command="quickstart",
