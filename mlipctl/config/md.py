@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from mlipctl.config.base import StrictModel
+from mlipctl.config.base import InputPath, StrictModel
 from mlipctl.config.calculator import CalculatorConfig
 from mlipctl.config.structures import StructureSource
 
@@ -79,7 +79,81 @@ class TemperatureMonitor(StrictModel):
     threshold_k: float = Field(gt=0, description="Trigger when T exceeds this, K.")
 
 
-MonitorConfig = Annotated[MaxForceMonitor | TemperatureMonitor, Field(discriminator="kind")]
+class EnsembleStdMonitor(StrictModel):
+    """Flags frames whose calibrated ensemble spread exceeds a threshold (models with K >= 2).
+
+    The spread is multiplied by the calibration factor stored in the model file (fitted by
+    `mlipctl uncertainty`). ``forces``: the largest per-atom ``sqrt(sum_c sigma_c^2)`` over the
+    Cartesian components (an extra backward pass per member on monitor steps); ``energy``: the
+    spread of the total energy divided by the number of atoms.
+    """
+
+    kind: Literal["ensemble_std"] = Field(
+        default="ensemble_std", description="Calibrated ensemble-spread monitor."
+    )
+    quantity: Literal["forces", "energy"] = Field(
+        default="forces", description="Spread of the forces (per atom) or of the energy."
+    )
+    threshold: float = Field(
+        gt=0, description="Trigger above this spread: eV/Å (forces) or eV/atom (energy)."
+    )
+
+
+class MahalanobisMonitor(StrictModel):
+    """Flags frames with an atom outside the training descriptor distribution (Mahalanobis
+    distance above the F-rule threshold for a frame false-alarm rate ``alpha``)."""
+
+    kind: Literal["mahalanobis"] = Field(
+        default="mahalanobis", description="Mahalanobis distance of the model's descriptors."
+    )
+    domain_model: InputPath = Field(
+        description="domain.npz written by `mlipctl uncertainty` for this model."
+    )
+    alpha: float = Field(
+        default=0.01, gt=0, lt=1, description="False-alarm rate per in-distribution frame."
+    )
+    sidak: bool = Field(
+        default=True, description="Šidák correction over the atoms of the frame (frame rate)."
+    )
+
+
+class GammaMonitor(StrictModel):
+    """Flags frames whose MaxVol extrapolation grade γ exceeds a threshold (γ <= 1: inside
+    the active set's parallelotope, interpolation)."""
+
+    kind: Literal["gamma"] = Field(default="gamma", description="Extrapolation grade γ.")
+    domain_model: InputPath = Field(
+        description="domain.npz written by `mlipctl uncertainty` for this model."
+    )
+    threshold: float = Field(
+        default=1.5, gt=0, description="Trigger when the largest per-atom γ exceeds this."
+    )
+
+
+class HullMonitor(StrictModel):
+    """Flags frames with an atom outside the convex hull of the training descriptors in the
+    domain model's PCA space (qhull facet inequalities)."""
+
+    kind: Literal["hull"] = Field(default="hull", description="Convex-hull test.")
+    domain_model: InputPath = Field(
+        description="domain.npz written by `mlipctl uncertainty` for this model."
+    )
+    tolerance: float = Field(
+        default=0.0,
+        ge=0,
+        description="Trigger when the largest facet violation exceeds this (PCA units).",
+    )
+
+
+MonitorConfig = Annotated[
+    MaxForceMonitor
+    | TemperatureMonitor
+    | EnsembleStdMonitor
+    | MahalanobisMonitor
+    | GammaMonitor
+    | HullMonitor,
+    Field(discriminator="kind"),
+]
 
 
 class MonitoringConfig(StrictModel):

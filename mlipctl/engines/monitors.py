@@ -22,6 +22,7 @@ flagged frame rather than one per interval.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -285,3 +286,191 @@ def evaluate_monitors(
         vals.append(jnp.asarray(v, jnp.float64).reshape(()))
         trig.append(jnp.asarray(t, bool).reshape(()))
     return jnp.stack(vals), jnp.stack(trig)
+
+
+# --------------------------------------------------------------------------------------------
+# Uncertainty monitors: calibrated ensemble spread and domain of applicability
+# --------------------------------------------------------------------------------------------
+# Each hook reads the model's own parameters from its ``params`` (traced, never baked in) and
+# computes what it needs from ``graph``: per-member forces, or the model's descriptors. The
+# hooks are built once per ModelSpec (``functools.lru_cache``) so that the MD engine's cache of
+# compiled loops, keyed by the hook functions, is reused across runs of the same model.
+# Definitions match :func:`mlipctl.engines.uncertainty.frame_scores` on the host.
+
+
+def _require_model(kind: str, ctx: MonitorContext) -> Any:
+    from mlipctl.errors import UserInputError
+
+    if ctx.potential is None:
+        raise UserInputError(
+            f"monitor {kind!r} needs an mlipctl model (calculator kind: mlip); reference "
+            "calculators have no ensemble or descriptors"
+        )
+    return ctx.potential
+
+
+def _real_max(values: Array, graph: Any) -> Array:
+    """Largest per-atom value over the real atoms of the graph."""
+    mask = jnp.asarray(graph.atom_mask)
+    return jnp.max(jnp.where(mask, values, -jnp.inf))
+
+
+@functools.lru_cache(maxsize=16)
+def _ensemble_force_std_fn(spec: Any) -> MonitorFn:
+    from mlipctl.engines.uncertainty import member_predict_fn
+
+    members = member_predict_fn(spec)
+
+    def fn(params: Any, state: Any, graph: Any, prediction: Prediction):
+        f = members(params["model"], graph).forces  # (K, N, 3)
+        sd = jnp.std(f, axis=0, ddof=1)
+        value = params["scale"] * _real_max(jnp.sqrt(jnp.sum(sd * sd, axis=-1)), graph)
+        return value, value > params["threshold"]
+
+    return fn
+
+
+def _ensemble_energy_std(params: Any, state: Any, graph: Any, prediction: Prediction):
+    e = jnp.asarray(prediction.energy)[:, 0]  # (K,) members' energies of the one structure
+    value = params["scale"] * jnp.std(e, ddof=1) / params["n_atoms"]
+    return value, value > params["threshold"]
+
+
+@functools.lru_cache(maxsize=48)
+def _domain_fn(spec: Any, kind: str) -> MonitorFn:
+    from mlipctl.model.potential import make_descriptors
+    from mlipctl.uncertainty.domain import jax_gamma, jax_hull_excess, jax_mahalanobis
+
+    descriptors = make_descriptors(spec)
+    score = {"mahalanobis": jax_mahalanobis, "gamma": jax_gamma, "hull": jax_hull_excess}[kind]
+
+    def fn(params: Any, state: Any, graph: Any, prediction: Prediction):
+        desc = descriptors(params["model"], graph)
+        species = jnp.asarray(graph.species)
+        v = score(params["domain"], desc, species)
+        if kind == "mahalanobis":  # d² over the per-species threshold: > 1 is an alarm
+            v = v / params["d2_threshold"][species]
+        value = _real_max(v, graph)
+        return value, value > params["threshold"]
+
+    return fn
+
+
+def _domain_params(kind: str, cfg: Any, ctx: MonitorContext) -> tuple[Any, Any]:
+    """(potential, domain model) for a domain monitor, checked against each other."""
+    from mlipctl.engines.uncertainty import load_domain
+    from mlipctl.errors import UserInputError
+
+    pot = _require_model(kind, ctx)
+    domain = load_domain(cfg.domain_model, pot)
+    if kind == "hull":
+        counts = np.diff(domain.hull_equation_offsets)
+        bad = [
+            pot.spec.species[s]
+            for s in range(domain.n_species)
+            if domain.fitted[s] and not counts[s]
+        ]
+        if bad:
+            raise UserInputError(
+                f"domain model {cfg.domain_model} has no hull facets for {bad} (hull_pca_dim "
+                "> 6 or degenerate training data); refit with a smaller domain.hull_pca_dim"
+            )
+    if kind == "gamma" and not bool(np.all(domain.gamma_available[domain.fitted])):
+        raise UserInputError(
+            f"domain model {cfg.domain_model} has no γ active set; refit with domain.gamma: true"
+        )
+    return pot, domain
+
+
+@register_monitor("ensemble_std")
+def _make_ensemble_std(cfg: Any, ctx: MonitorContext) -> Monitor:
+    from mlipctl.errors import UserInputError
+
+    pot = _require_model("ensemble_std", ctx)
+    if pot.spec.n_members < 2:
+        raise UserInputError(
+            "monitor 'ensemble_std' needs an ensemble (model.ensemble kind deep or shallow with "
+            "size >= 2); this model is a single potential"
+        )
+    scale = float(pot.calibration.get(cfg.quantity, 1.0))
+    base = {"scale": jnp.asarray(scale), "threshold": jnp.asarray(float(cfg.threshold))}
+    if cfg.quantity == "forces":
+        return Monitor(
+            name="ensemble_std_forces",
+            fn=_ensemble_force_std_fn(pot.spec),
+            threshold=float(cfg.threshold),
+            params={**base, "model": pot.params},
+            unit="eV/Å",
+            needs_graph=True,
+        )
+    return Monitor(
+        name="ensemble_std_energy",
+        fn=_ensemble_energy_std,
+        threshold=float(cfg.threshold),
+        params={**base, "n_atoms": jnp.asarray(float(ctx.n_atoms))},
+        unit="eV/atom",
+    )
+
+
+@register_monitor("mahalanobis")
+def _make_mahalanobis(cfg: Any, ctx: MonitorContext) -> Monitor:
+    pot, domain = _domain_params("mahalanobis", cfg, ctx)
+    jp = domain.jax_params()
+    thr = domain.mahalanobis_thresholds(cfg.alpha, n_atoms=max(1, ctx.n_atoms), sidak=cfg.sidak)
+    # Untrained species have d² = inf: give them threshold 1 so inf/1 alarms (not inf/0 = NaN).
+    thr = np.where(domain.fitted, thr, 1.0)
+    keys = ("fitted", "mean", "std", "whiten")
+    return Monitor(
+        name="mahalanobis",
+        fn=_domain_fn(pot.spec, "mahalanobis"),
+        threshold=1.0,
+        params={
+            "model": pot.params,
+            "domain": {k: jnp.asarray(jp[k]) for k in keys},
+            "d2_threshold": jnp.asarray(thr),
+            "threshold": jnp.asarray(1.0),
+        },
+        unit="d²/threshold",
+        needs_graph=True,
+    )
+
+
+@register_monitor("gamma")
+def _make_gamma(cfg: Any, ctx: MonitorContext) -> Monitor:
+    pot, domain = _domain_params("gamma", cfg, ctx)
+    jp = domain.jax_params()
+    return Monitor(
+        name="gamma",
+        fn=_domain_fn(pot.spec, "gamma"),
+        threshold=float(cfg.threshold),
+        params={
+            "model": pot.params,
+            "domain": {k: jnp.asarray(jp[k]) for k in ("gamma_inv", "gamma_available")},
+            "threshold": jnp.asarray(float(cfg.threshold)),
+        },
+        unit="",
+        needs_graph=True,
+    )
+
+
+@register_monitor("hull")
+def _make_hull(cfg: Any, ctx: MonitorContext) -> Monitor:
+    from mlipctl.uncertainty.domain import HULL_TOL
+
+    pot, domain = _domain_params("hull", cfg, ctx)
+    jp = domain.jax_params()
+    keys = ("fitted", "mean", "std", "hull_components", "hull_equations", "hull_available")
+    # The same round-off allowance as DomainModel.hull_inside, so both agree on "inside".
+    threshold = float(cfg.tolerance) + HULL_TOL
+    return Monitor(
+        name="hull",
+        fn=_domain_fn(pot.spec, "hull"),
+        threshold=threshold,
+        params={
+            "model": pot.params,
+            "domain": {k: jnp.asarray(jp[k]) for k in keys},
+            "threshold": jnp.asarray(threshold),
+        },
+        unit="PCA units",
+        needs_graph=True,
+    )
