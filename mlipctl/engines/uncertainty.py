@@ -132,17 +132,24 @@ def member_predict_fn(spec: ModelSpec) -> Callable[[Any, AtomsGraph], Any]:
     return predict
 
 
+@functools.lru_cache(maxsize=8)
+def _spec_functions(spec: ModelSpec) -> dict[str, _Compiled]:
+    # Keyed by the spec, not the Potential object: parameters are arguments, so every load of
+    # the same model (a workflow, repeated runs in one process) reuses the compiled shapes.
+    return {
+        "predict": _Compiled(member_predict_fn(spec)),
+        "descriptors": _Compiled(make_descriptors(spec)),
+    }
+
+
 def _functions(potential: Potential) -> dict[str, _Compiled]:
-    """The potential's compiled predict/descriptor functions, shared across calls."""
-    cache = potential.compiled
-    if "uq_predict" not in cache:
-        cache["uq_predict"] = _Compiled(member_predict_fn(potential.spec))
-        cache["uq_descriptors"] = _Compiled(make_descriptors(potential.spec))
-    return {"predict": cache["uq_predict"], "descriptors": cache["uq_descriptors"]}
+    """The compiled predict/descriptor functions of the potential's architecture."""
+    return _spec_functions(potential.spec)
 
 
 def compile_seconds(potential: Potential) -> float:
-    """Seconds spent compiling this module's functions for ``potential`` so far."""
+    """Seconds spent so far compiling this module's functions for the potential's
+    architecture (in this process)."""
     return sum(f.compile_seconds for f in _functions(potential).values())
 
 
@@ -519,6 +526,7 @@ def frame_scores(
     alpha: float = 0.01,
     sidak: bool = True,
     ensemble: EnsembleSet | None = None,
+    calibration: dict[str, float] | None = None,
     max_batch_atoms: int = 2048,
 ) -> dict[str, np.ndarray]:
     """Per-frame values of every uncertainty monitor, as the MD monitors define them.
@@ -536,6 +544,7 @@ def frame_scores(
         domain: fitted domain model of this model.
         alpha, sidak: Mahalanobis false-alarm rate per frame and Šidák correction.
         ensemble: precomputed :func:`ensemble_predictions` of ``frames`` (else computed).
+        calibration: spread multipliers to use instead of ``potential.calibration``.
 
     Returns:
         name -> (B,) array.
@@ -544,7 +553,7 @@ def frame_scores(
     out: dict[str, np.ndarray] = {}
     if potential.spec.n_members >= 2:
         ens = ensemble if ensemble is not None else ensemble_predictions(potential, frames)
-        cal = potential.calibration
+        cal = potential.calibration if calibration is None else calibration
         out["ensemble_std_forces"] = float(cal.get("forces", 1.0)) * np.array(
             [np.max(np.linalg.norm(ens.forces_std(k), axis=1)) for k in range(b)]
         )
@@ -701,6 +710,19 @@ def _write_csv(path: Path, columns: dict[str, np.ndarray]) -> Path:
     return path
 
 
+def _quantiles(scores: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Median, 95th percentile and maximum of each per-structure score."""
+    return {
+        name: {
+            "median": float(np.median(v)),
+            "q95": float(np.quantile(v, 0.95)),
+            "max": float(np.max(v)),
+        }
+        for name, v in scores.items()
+        if v.dtype != bool and np.all(np.isfinite(v))
+    }
+
+
 def _domain_summary(scores: dict[str, np.ndarray], gamma_threshold: float) -> dict[str, Any]:
     inside = scores["hull_inside"]
     alarm = scores["mahalanobis"] > 1.0
@@ -822,6 +844,11 @@ def run_uncertainty(cfg: Any, *, resume: bool = False, progress: bool = True) ->
                     f"{cal_res.dropped_forces} force components with zero ensemble spread "
                     "(fixed by symmetry) were left out of the calibration"
                 )
+            # Where in-distribution structures sit: a starting point for monitor thresholds.
+            cal_scores = frame_scores(
+                pot, [s.atoms for s in cal_items], ensemble=ens, calibration=factors
+            )
+            results["calibration"]["spread_scores"] = _quantiles(cal_scores)
             if cfg.calibration.write_to_model:
                 apply_calibration(pot, cals)
                 pot.save(model_path)
@@ -933,6 +960,22 @@ def run_uncertainty(cfg: Any, *, resume: bool = False, progress: bool = True) ->
                         results["auroc"] = _auroc_table(
                             sc, test_res.structure_force_rmse, thr, messages
                         )
+            if cal_items:
+                # Held-out in-distribution structures: the false-alarm side of every check.
+                with _timed(timings, "domain_calibration_data", pot):
+                    sc = frame_scores(
+                        pot,
+                        [s.atoms for s in cal_items],
+                        domain,
+                        alpha=dc.mahalanobis_alpha,
+                        sidak=dc.sidak,
+                        ensemble=ens,
+                        calibration=factors,
+                    )
+                    results["domain"]["calibration_data"] = {
+                        **_domain_summary(sc, dc.gamma_threshold),
+                        "scores": _quantiles(sc),
+                    }
             if cfg.trajectory is not None:
                 with _timed(timings, "domain_trajectory", pot):
                     frames = read_frames(str(cfg.trajectory), ":")
