@@ -141,7 +141,8 @@ class HullMonitor(StrictModel):
     tolerance: float = Field(
         default=0.0,
         ge=0,
-        description="Trigger when the largest facet violation exceeds this (PCA units).",
+        description="Trigger when the largest facet violation exceeds this (PCA units; a "
+        "1e-8 round-off allowance is always added, as in the report's hull test).",
     )
 
 
