@@ -959,8 +959,15 @@ def _from_cache(step: str, data: dict[str, Any]) -> tuple[CheckOutcome, dict[str
     return outcome, dict(data["artifacts"])
 
 
-def _model_element(potential: Any, element: str | None) -> str:
-    species = list(potential.spec.species)
+def load_model(path: str | Path) -> tuple[Any, tuple[str, ...], float | None]:
+    """(Potential, its elements, its cutoff in Å) of a ``.mlip`` file (UserInputError if bad)."""
+    from mlipctl.model.potential import load_potential
+
+    potential = load_potential(path)
+    return potential, tuple(potential.spec.species), potential.spec.cutoff
+
+
+def _model_element(species: Sequence[str], element: str | None) -> str:
     if element is None:
         if len(species) != 1:
             raise UserInputError(
@@ -1013,7 +1020,6 @@ def _progress(enabled: bool, total: int) -> Iterator[Callable[..., None]]:
 
 def run_validate(cfg: ValidateConfig, *, resume: bool = False, progress: bool = True) -> Report:
     """Run `mlipctl validate` (see the module docstring); the CLI writes report.json/.md."""
-    from mlipctl.model.potential import load_potential
     from mlipctl.reference.registry import make_calculator
 
     t_start = time.perf_counter()
@@ -1025,19 +1031,19 @@ def run_validate(cfg: ValidateConfig, *, resume: bool = False, progress: bool = 
     results: dict[str, Any] = {}
 
     with _timed(timings, "load_model"):
-        potential = load_potential(cfg.model)
-    element = _model_element(potential, cfg.crystal.element)
+        loaded, species, cutoff = load_model(cfg.model)
+    element = _model_element(species, cfg.crystal.element)
     element, structure = resolve_crystal(element, cfg.crystal.structure)
     _check_reference_supports(cfg, element)
-    model = resolve(potential, "model")
+    model = resolve(loaded, "model")
     reference = resolve(lambda: make_calculator(cfg.reference), "reference")
     engines = {"model": model, "reference": reference}
     settings = Settings.from_config(cfg)
     thr = cfg.thresholds
     results["setup"] = {
         "model": str(cfg.model),
-        "model_species": list(potential.spec.species),
-        "model_cutoff_a": potential.spec.cutoff,
+        "model_species": list(species),
+        "model_cutoff_a": cutoff,
         "reference": cfg.reference.kind,
         "element": element,
         "structure": structure,

@@ -249,10 +249,15 @@ def _scaled(cell0: Atoms, scale: float) -> Atoms:
 
 def _eos_fit(volumes: np.ndarray, energies: np.ndarray) -> tuple[float, float, float]:
     """(v0, e0, B in eV/Å³) of a Birch-Murnaghan fit; UserInputError if there is no minimum."""
+    import warnings
+
     from ase.eos import EquationOfState
 
     try:
-        v0, e0, b = EquationOfState(volumes, energies, eos="birchmurnaghan").fit()
+        with warnings.catch_warnings():
+            # A minimum outside the scan is handled (re-centred or reported) by the callers.
+            warnings.simplefilter("ignore", UserWarning)
+            v0, e0, b = EquationOfState(volumes, energies, eos="birchmurnaghan").fit()
     except Exception as exc:  # noqa: BLE001 - scipy/ASE fit failures come in several types
         raise UserInputError(
             f"equation-of-state fit failed ({type(exc).__name__}: {exc}); the calculator has no "

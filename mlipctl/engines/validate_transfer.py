@@ -9,6 +9,10 @@
   that merely misses neighbours) and the error of its force |F_model − F_ref|. Binned tables,
   Spearman rank correlations and a 2-D heat map of the mean error per (CN, disorder) bin show
   where the model leaves its training domain: error rises as CN drops and disorder grows.
+  The generalised coordination number GCN_i = Σ_j CN_j / CN_ideal over the neighbours j of i
+  (Calle-Vallejo et al., Angew. Chem. Int. Ed. 53, 8316 (2014)) is reported too: it also sees
+  the sub-surface atoms, whose first shell is complete but whose neighbours are not, and whose
+  force errors are often as large as those of the surface atoms themselves.
 * :func:`default_transfer_structures`: low-index slabs and a melt-quenched amorphous cell made
   with the reference itself (short Langevin melt and quench with ASE), so no extra input is
   needed.
@@ -187,8 +191,11 @@ def shell_info(state: BulkState) -> ShellInfo:
         raise UserInputError("cannot find two neighbour shells in the ideal crystal")
     cutoff = 0.5 * (shells[0] + shells[1])
     cn, angles = local_environment(ideal, cutoff, None)
-    raw = _atom_angles(ideal, cutoff, 0)
-    distinct = sorted({round(float(a), 2) for a in raw})
+    # Angles closer than 0.1° are one (a non-ideal hcp c/a splits them slightly).
+    distinct: list[float] = []
+    for a in np.sort(_atom_angles(ideal, cutoff, 0)):
+        if not distinct or a - distinct[-1] > 0.1:
+            distinct.append(round(float(a), 2))
     return ShellInfo(cutoff=cutoff, cn_ideal=int(cn[0]), angles=tuple(distinct))
 
 
@@ -229,9 +236,25 @@ def local_environment(
     i, vec = _edges(atoms, cutoff)
     n = len(atoms)
     cn = np.bincount(i, minlength=n)
+    return cn, _disorder(i, vec, cn, ideal_angles)
+
+
+def generalized_coordination(atoms: Atoms, cutoff: float, cn_ideal: int) -> np.ndarray:
+    """(N,) GCN_i = Σ_j CN_j / cn_ideal over the neighbours j of i (bulk: cn_ideal)."""
+    from mlipctl.data.neighbors import neighbor_pairs
+
+    i, j, _ = neighbor_pairs(atoms, cutoff)
+    cn = np.bincount(i, minlength=len(atoms))
+    return np.bincount(i, weights=cn[j], minlength=len(atoms)) / float(cn_ideal)
+
+
+def _disorder(
+    i: np.ndarray, vec: np.ndarray, cn: np.ndarray, ideal_angles: Sequence[float] | None
+) -> np.ndarray:
+    n = len(cn)
     disorder = np.full(n, np.nan)
     if ideal_angles is None:
-        return cn, disorder
+        return disorder
     ref = np.asarray(sorted(ideal_angles), dtype=np.float64)
     starts = np.concatenate([[0], np.cumsum(cn)])
     for k in range(n):
@@ -239,7 +262,7 @@ def local_environment(
         if theta.size:
             dev = np.min(np.abs(theta[:, None] - ref[None, :]), axis=1)
             disorder[k] = float(np.sqrt(np.mean(dev * dev)))
-    return cn, disorder
+    return disorder
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,8 +308,8 @@ def amorphous_cell(
 ) -> Atoms:
     """A melt-quenched cell made with the reference calculator (Langevin, ASE)."""
     from ase.constraints import FixCom
+    from ase.md import velocitydistribution as vd
     from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 
     from mlipctl.data.crystals import build_crystal
 
@@ -301,8 +324,12 @@ def amorphous_cell(
     atoms.calc = reference.calc
     atoms.set_constraint(FixCom())
     t_melt = _melt_temperature(state.element, settings.melt_temperature_k)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=t_melt, rng=rng)
-    Stationary(atoms)
+    thermalize = getattr(vd, "thermalize_momenta", None)  # ASE >= 3.29; older: the old name
+    if thermalize is not None:
+        thermalize(atoms, temperature_K=t_melt, rng=rng)
+    else:  # pragma: no cover - ASE < 3.29
+        vd.MaxwellBoltzmannDistribution(atoms, temperature_K=t_melt, rng=rng)
+    vd.Stationary(atoms)
     dyn = Langevin(
         atoms,
         settings.timestep_fs * units.fs,
@@ -365,16 +392,19 @@ class TransferResult:
 
     Attributes:
         cn: (A,) coordination numbers of all atoms of all structures.
+        gcn: (A,) generalised coordination numbers.
         disorder: (A,) bond-angle disorder, degrees (NaN: fewer than two neighbours).
         force_error: (A,) |F_model − F_ref|, eV/Å.
         structure: (A,) index of the structure each atom belongs to.
         config_type: (A,) label of that structure.
         shells: the ideal-crystal reference.
         cn_table: rows {cn, count, mean, median, p90} of the force error per CN.
+        gcn_table: rows {low, high, count, mean, median, p90} per unit-wide GCN bin.
         disorder_table: rows {low, high, count, mean, median, p90} per disorder bin.
         group_table: rows {config_type, atoms, mean, median, p90, max} per structure label.
         spearman_cn: Spearman ρ(CN, error) (negative when error grows as CN drops).
         spearman_disorder: Spearman ρ(disorder, error).
+        spearman_gcn: Spearman ρ(GCN, error) (negative like ρ(CN, error)).
         grid: mean error per (CN, disorder bin) cell: (cn values, disorder edges,
             (len(cn values), len(edges) − 1) array with NaN for empty cells, counts).
         structures: the evaluated structures with per-atom arrays ``cn``, ``disorder``,
@@ -382,16 +412,19 @@ class TransferResult:
     """
 
     cn: np.ndarray
+    gcn: np.ndarray
     disorder: np.ndarray
     force_error: np.ndarray
     structure: np.ndarray
     config_type: np.ndarray
     shells: ShellInfo
     cn_table: list[dict[str, float]]
+    gcn_table: list[dict[str, float]]
     disorder_table: list[dict[str, float]]
     group_table: list[dict[str, Any]]
     spearman_cn: float
     spearman_disorder: float
+    spearman_gcn: float
     grid: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
     structures: list[Atoms] = field(default_factory=list)
 
@@ -404,20 +437,22 @@ class TransferResult:
             "ideal_angles_deg": list(self.shells.angles),
             "spearman_cn": self.spearman_cn,
             "spearman_disorder": self.spearman_disorder,
+            "spearman_gcn": self.spearman_gcn,
             "by_config_type": self.group_table,
             "by_cn": self.cn_table,
+            "by_gcn": self.gcn_table,
             "by_disorder": self.disorder_table,
         }
 
     def csv(self) -> bytes:
-        """Per-atom table: structure, config_type, atom, cn, disorder_deg, force_error."""
-        lines = ["structure,config_type,atom,cn,disorder_deg,force_error_ev_a"]
+        """Per-atom table: structure, config_type, atom, cn, gcn, disorder_deg, force_error."""
+        lines = ["structure,config_type,atom,cn,gcn,disorder_deg,force_error_ev_a"]
         atom = 0
         for k, at in enumerate(self.structures):
             for j in range(len(at)):
                 lines.append(
                     f"{k},{self.config_type[atom]},{j},{int(self.cn[atom])},"
-                    f"{self.disorder[atom]:.6g},{self.force_error[atom]:.8g}"
+                    f"{self.gcn[atom]:.6g},{self.disorder[atom]:.6g},{self.force_error[atom]:.8g}"
                 )
                 atom += 1
         return ("\n".join(lines) + "\n").encode()
@@ -474,18 +509,21 @@ def transferability_map(
         f.info["config_type"] = str(s.info.get("config_type", "default"))
     pm = evaluate_structures(model, frames)
     pr = evaluate_structures(reference, frames)
-    cn_all, dis_all, err_all, idx_all, ct_all = [], [], [], [], []
+    cn_all, gcn_all, dis_all, err_all, idx_all, ct_all = [], [], [], [], [], []
     out_frames = []
     for k, (f, a, b) in enumerate(zip(frames, pm, pr, strict=True)):
         cn, dis = local_environment(f, shells.cutoff, shells.angles)
+        gcn = generalized_coordination(f, shells.cutoff, shells.cn_ideal)
         err = np.linalg.norm(a["forces"] - b["forces"], axis=1)
         cn_all.append(cn)
+        gcn_all.append(gcn)
         dis_all.append(dis)
         err_all.append(err)
         idx_all.append(np.full(len(f), k))
         ct_all.append(np.full(len(f), f.info["config_type"], dtype=object))
         rec = f.copy()
         rec.arrays["cn"] = cn.astype(np.int64)
+        rec.arrays["gcn"] = gcn
         rec.arrays["disorder"] = dis
         rec.arrays["force_error"] = err
         rec.arrays["forces_model"] = a["forces"]
@@ -494,12 +532,18 @@ def transferability_map(
         rec.info["energy_reference"] = b["energy"]
         out_frames.append(rec)
     cn = np.concatenate(cn_all)
+    gcn = np.concatenate(gcn_all)
     dis = np.concatenate(dis_all)
     err = np.concatenate(err_all)
     cts = np.concatenate(ct_all)
 
     cn_values = np.unique(cn)
     cn_table = [{"cn": int(c), **_row(err[cn == c])} for c in cn_values]
+    gcn_floor = np.floor(gcn)
+    gcn_table = [
+        {"low": float(g), "high": float(g + 1), **_row(err[gcn_floor == g])}
+        for g in np.unique(gcn_floor)
+    ]
     edges = disorder_edges(dis, n_bins)
     which = np.digitize(dis, edges[1:-1])  # NaN disorder lands past the last bin: excluded
     finite = np.isfinite(dis)
@@ -521,16 +565,19 @@ def transferability_map(
                 grid[r, b] = float(err[sel].mean())
     return TransferResult(
         cn=cn,
+        gcn=gcn,
         disorder=dis,
         force_error=err,
         structure=np.concatenate(idx_all),
         config_type=cts,
         shells=shells,
         cn_table=cn_table,
+        gcn_table=gcn_table,
         disorder_table=dis_table,
         group_table=groups,
         spearman_cn=_spearman(cn.astype(np.float64), err),
         spearman_disorder=_spearman(dis, err),
+        spearman_gcn=_spearman(gcn, err),
         grid=(cn_values, edges, grid, counts),
         structures=out_frames,
     )
