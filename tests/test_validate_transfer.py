@@ -316,3 +316,18 @@ def test_map_of_an_mlip_fitted_on_bulk_only(tmp_path, emt_state, transfer_struct
     # complete first shell (CN 12) but force errors as large as the top layer's, which caps the
     # first-shell CN correlation near 0.5 for this 4.5 Å model; GCN sees those atoms.
     _textbook_case(res, rho_min=0.45)
+
+
+def test_test_set_metrics_on_mlearn_cu(mlearn_dir):
+    """Real DFT test file: groups per mlearn config_type, stress in GPa (EMT as the 'model')."""
+    from mlipctl.engines.validate import validate_test_set
+
+    out = validate_test_set(EMT, mlearn_dir / "Cu" / "test.extxyz")
+    res = out.results
+    assert res["n_structures"] == 31
+    assert {"Elastic", "Surface", "AIMD-NVT", "Vacancy"} <= set(res)
+    assert res["overall"]["forces"]["count"] == 3 * 3178
+    # EMT is not PBE: forces differ by tenths of eV/Å, not by orders of magnitude.
+    assert 0.01 < res["overall"]["forces"]["mae"] < 1.0
+    assert res["overall"]["stress"]["count"] == 6 * 31
+    assert set(out.files) == {"parity_energy.png", "parity_forces.png", "parity_stress.png"}

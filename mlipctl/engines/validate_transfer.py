@@ -133,7 +133,7 @@ def parity_plot(quantity: str, data: tuple[np.ndarray, np.ndarray, np.ndarray]) 
     lo, hi = float(min(lab.min(), pred.min())), float(max(lab.max(), pred.max()))
     ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
     unit = _PARITY_UNITS[quantity]
-    ax.set_xlabel(f"reference {quantity} ({unit})")
+    ax.set_xlabel(f"test-set label: {quantity} ({unit})")
     ax.set_ylabel(f"model {quantity} ({unit})")
     rmse = float(np.sqrt(np.mean((pred - lab) ** 2)))
     ax.set_title(f"{quantity}: RMSE {rmse:.4g} {unit}, {lab.size} values", fontsize=9)
