@@ -3,8 +3,10 @@
 Runs :func:`mlipctl.engines.validate.run_validate` twice in one process on the same config
 (defaults: Cu, fcc 4x4x4 = 256 atoms, relaxations to 0.01 eV/Å, 7-image CI-NEB to 0.01 eV/Å,
 dense smoothness path, transferability map on the generated structures). The first run includes
-JAX compilation; the second reuses the compiled functions, which is the number the acceptance
-criterion (< 2 minutes once compiled) refers to. Per-step timings of both runs are printed, and
+JAX compilation; the second gets the *same* loaded Potential (its jitted functions and their
+compilations are kept per Potential object), so it measures the steady state the acceptance
+criterion (< 2 minutes once compiled) refers to. A CLI call is a fresh process and pays the
+compilation every time (the first run's number). Per-step timings of both runs are printed, and
 the EMT-only reference numbers (vacancy formation and migration energy) with them.
 
 Run: ``python bench/bench_validate.py --model quickstart/fit/model.mlip [--checks vacancy]``.
@@ -35,7 +37,11 @@ def main() -> None:
 
     from mlipctl.config.loader import validate_config
     from mlipctl.config.validate import ValidateConfig
+    from mlipctl.engines import validate as validate_mod
     from mlipctl.engines.validate import run_validate
+
+    loaded = validate_mod.load_model(args.model)
+    validate_mod.load_model = lambda path: loaded  # keep one Potential: compiled once
 
     print(f"host: {platform.node()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
     walls = []
@@ -69,7 +75,9 @@ def main() -> None:
             f"{em['reference']:.4f} eV"
         )
     steady = walls[-1]
-    print(f"\nsteady-state wall time {steady:.1f} s: {'PASS' if steady < 120 else 'FAIL'} (< 120 s)")
+    print(
+        f"\nsteady-state wall time {steady:.1f} s: {'PASS' if steady < 120 else 'FAIL'} (< 120 s)"
+    )
 
 
 if __name__ == "__main__":
