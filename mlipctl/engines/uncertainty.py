@@ -37,9 +37,9 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +59,9 @@ from mlipctl.model.potential import (
 from mlipctl.uncertainty import calibration as C
 from mlipctl.uncertainty import metrics as M
 from mlipctl.uncertainty.domain import DomainModel, first_exit
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mlipctl.reports.base import Report
 
 jax.config.update("jax_enable_x64", True)
 
@@ -643,7 +646,6 @@ class _Phases:
 
     enabled: bool
     bar: Any = None
-    tasks: dict[str, Any] = field(default_factory=dict)
 
     def __enter__(self) -> _Phases:
         if self.enabled:
@@ -748,7 +750,7 @@ def _domain_summary(scores: dict[str, np.ndarray], gamma_threshold: float) -> di
     return out
 
 
-def run_uncertainty(cfg: Any, *, resume: bool = False, progress: bool = True) -> Any:
+def run_uncertainty(cfg: Any, *, resume: bool = False, progress: bool = True) -> Report:
     """`mlipctl uncertainty`: calibration, calibration metrics before/after, plots, and domain
     checks on test data and a trajectory.
 
