@@ -244,6 +244,7 @@ def run_demo(root: Path, scale: Scale) -> dict:
 
     # Relaxing a (111) surface with the model (never seen in training).
     slab = fcc111("Cu", (2, 2, 4), a=3.61, vacuum=6.0)
+    slab.info = {}  # adsorbate_info is not extxyz-writable
     slab.rattle(0.02, seed=0)
     ase.io.write(root / "slab.extxyz", slab)
     relax = run_relax(
