@@ -200,3 +200,21 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
     assert res.returncode == 2
     assert "'Qq' is not a chemical element symbol" in res.stderr
     assert "Traceback" not in res.stderr + res.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["relax", "--set", "novalue"], "--set expects KEY=VALUE"),
+        (["relax", "--model", "m.mlip", "--reference", "emt"], "either --model or --reference"),
+        (["neb", "--defect", "vacancy"], "--defect needs --element"),
+    ],
+)
+def test_bad_flags_exit_2_without_traceback(tmp_path, args, needle):
+    env = dict(os.environ, MLIPCTL_LOG_DIR=str(tmp_path))
+    res = subprocess.run(
+        [sys.executable, "-m", "mlipctl.cli.app", *args], capture_output=True, text=True, env=env
+    )
+    assert res.returncode == 2, res.stderr
+    assert needle in res.stderr
+    assert "Traceback" not in res.stderr + res.stdout

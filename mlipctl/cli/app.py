@@ -389,8 +389,12 @@ def template(command: CommandArg) -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point.
+
+    Flags are turned into config overrides before a command's own guard runs (a bad ``--set``,
+    ``--model`` with ``--reference``), so the whole app runs under the same guard.
+    """
+    raise SystemExit(_guarded(app))
 
 
 if __name__ == "__main__":  # pragma: no cover
