@@ -11,27 +11,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlipctl.errors import NotAvailableError
-
 
 @dataclass(frozen=True)
 class Command:
     name: str
     summary: str
     config: str  # "module:Class"
-    runner: str | None  # "module:function(cfg, *, resume, progress) -> Report"; None: not built yet
-    pending_issue: str = ""  # where the engine arrives, when runner is None
+    runner: str  # "module:function(cfg, *, resume, progress) -> Report"
     example: dict[str, Any] = field(default_factory=dict)
 
     def config_class(self) -> type:
         return _resolve(self.config)
 
     def run(self, cfg: Any, *, resume: bool = False, progress: bool = True) -> Any:
-        if self.runner is None:
-            raise NotAvailableError(
-                f"`mlipctl {self.name}` is not available yet: the config is valid, but its engine "
-                f"arrives with {self.pending_issue}. Nothing was run."
-            )
         return _resolve(self.runner)(cfg, resume=resume, progress=progress)
 
 
@@ -77,8 +69,7 @@ COMMANDS: dict[str, Command] = {
             "validate",
             "Check a model against a reference on defect energetics; exit 1 if a criterion fails.",
             "mlipctl.config.validate:ValidateConfig",
-            None,
-            "the validate issue (#5)",
+            "mlipctl.engines.validate:run_validate",
             example={"model": "runs/fit/model.mlip", "checks": ["vacancy"]},
         ),
         Command(
@@ -114,8 +105,7 @@ COMMANDS: dict[str, Command] = {
             "uncertainty",
             "Calibrate ensemble uncertainty and check the domain of applicability.",
             "mlipctl.config.uncertainty:UncertaintyConfig",
-            None,
-            "the uncertainty issue (#6)",
+            "mlipctl.engines.uncertainty:run_uncertainty",
             example={"model": "runs/fit/model.mlip", "calibration_data": "data/valid.extxyz"},
         ),
     ]

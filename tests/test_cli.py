@@ -123,23 +123,6 @@ def test_flags_alone_build_a_config(tmp_path):
     assert cfg.checks == ["vacancy", "surface"] and cfg.reference.kind == "emt"
 
 
-def test_unavailable_engine_says_so_plainly(tmp_path):
-    pending = [c for c in COMMANDS.values() if c.runner is None]
-    if not pending:
-        pytest.skip("every command has its engine")
-    cmd = pending[0]
-    cfg = tmp_path / "c.yaml"
-    data = dict(cmd.example)
-    cfg.write_text(yaml.safe_dump(data))
-    res = invoke(cmd.name, str(cfg), "--set", "output=" + str(tmp_path / "out"))
-    if res.exit_code == 2:  # the example names files that do not exist here
-        assert "file not found" in res.output
-        return
-    assert res.exit_code == 3
-    assert "is not available yet" in res.output and "Nothing was run" in res.output
-    assert not (tmp_path / "out").exists()
-
-
 def _fake_report(passed: bool) -> Report:
     return Report(
         command="relax",

@@ -204,3 +204,44 @@ def test_mean_forces_mode_equals_mean_of_members(graph, kind):
     np.testing.assert_allclose(mean.atom_energy, full.atom_energy, atol=1e-12)
     np.testing.assert_allclose(mean.forces[0], full.forces.mean(axis=0), atol=1e-12)
     np.testing.assert_allclose(mean.stress[0], full.stress.mean(axis=0), atol=1e-12)
+
+
+def test_installed_jax_compiles_vmapped_gradients_correctly():
+    """Bare-JAX reproducer of jax-ml/jax#39103 (jax 0.10.2 on CPU): a jitted vmap of a float32
+    gradient over parameter sets went wrong for every slice but the first beyond ~5000 rows.
+    Deep ensembles rely on exactly this pattern, so a broken install must fail here."""
+    rng = np.random.default_rng(0)
+    weights = jnp.asarray(rng.normal(size=(3, 8, 6)), jnp.float32)
+    x = jnp.linspace(0.5, 5.0, 20_000).astype(jnp.float32)
+    centres = jnp.linspace(0.5, 5.0, 8).astype(jnp.float32)
+
+    def f(w, x):
+        g = jnp.exp(-0.5 * ((x[:, None] - centres) / 0.6) ** 2) * x[:, None]
+        return ((g @ w) ** 2).sum()
+
+    batched = jax.jit(jax.vmap(jax.grad(f, argnums=1), in_axes=(0, None)))(weights, x)
+    for k in range(3):
+        single = jax.grad(f, argnums=1)(weights[k], x)
+        np.testing.assert_allclose(
+            batched[k], single, rtol=1e-4, atol=1e-4 * float(abs(single).max())
+        )
+
+
+def test_jitted_deep_members_match_unjitted_in_float32():
+    """Per-member forces of a jitted float32 deep ensemble on a 864-atom cell (> 30 000 edges)
+    equal the un-jitted ones (member 0 alone would hide a batching bug)."""
+    spec = ModelSpec(
+        ModelConfig(architecture=ARCH, ensemble=EnsembleConfig(kind="deep", size=3)),
+        species=("Cu",),
+        offsets=(0.0,),
+    )
+    params = init_params(spec, 0)
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((6, 6, 6))
+    atoms.rattle(0.05, seed=1)
+    g = jax.tree.map(jnp.asarray, build_graph([atoms], spec.cutoff, spec.type_map()))
+    predict = make_predict(spec, stress=False)
+    jitted = np.asarray(jax.jit(predict)(params, g).forces)
+    eager = np.asarray(predict(params, g).forces)
+    scale = np.abs(eager).max()
+    assert scale > 0
+    np.testing.assert_allclose(jitted, eager, atol=1e-4 * scale)

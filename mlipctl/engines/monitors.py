@@ -317,9 +317,9 @@ def _real_max(values: Array, graph: Any) -> Array:
 
 @functools.lru_cache(maxsize=16)
 def _ensemble_force_std_fn(spec: Any) -> MonitorFn:
-    from mlipctl.engines.uncertainty import member_predict_fn
+    from mlipctl.model.potential import make_predict
 
-    members = member_predict_fn(spec)
+    members = make_predict(spec, stress=False)
 
     def fn(params: Any, state: Any, graph: Any, prediction: Prediction):
         f = members(params["model"], graph).forces  # (K, N, 3)

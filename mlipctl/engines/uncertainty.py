@@ -28,7 +28,6 @@ file is written atomically.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import io
@@ -42,17 +41,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from ase import Atoms
 
-from mlipctl.config.model import EnsembleConfig
 from mlipctl.data.graph import AtomsGraph
 from mlipctl.errors import UserInputError
 from mlipctl.model.potential import (
     ModelSpec,
     Potential,
-    Prediction,
     make_descriptors,
     make_predict,
 )
@@ -106,41 +102,12 @@ class _Compiled:
         return out
 
 
-@functools.lru_cache(maxsize=16)
-def member_predict_fn(spec: ModelSpec) -> Callable[[Any, AtomsGraph], Any]:
-    """Pure ``f(params, graph) -> Prediction`` with every member's energy (K, B) and forces
-    (K, N, 3), no stress.
-
-    Deep ensembles are evaluated member by member (a Python loop over the K parameter slices,
-    unrolled in the trace) rather than with ``jax.vmap`` over the member axis: with jax 0.10 on
-    CPU, the jitted vmapped forces of members 1..K-1 came out wrong (errors of ~0.5 eV/Å) on
-    graphs of ~30 000 edges while member 0, the un-jitted evaluation and this loop agree to
-    1e-5 eV/Å (``tests/test_engine_uncertainty.py`` checks the loop against single models).
-    """
-    if spec.config.ensemble.kind != "deep":
-        return make_predict(spec, stress=False)
-    single_cfg = spec.config.model_copy(update={"ensemble": EnsembleConfig()})
-    single = make_predict(dataclasses.replace(spec, config=single_cfg), stress=False)
-    n_members = spec.n_members
-
-    def predict(params: Any, graph: AtomsGraph) -> Prediction:
-        outs = [single(jax.tree.map(lambda a, k=k: a[k], params), graph) for k in range(n_members)]
-        return Prediction(
-            energy=jnp.concatenate([o.energy for o in outs]),
-            forces=jnp.concatenate([o.forces for o in outs]),
-            stress=None,
-            atom_energy=jnp.concatenate([o.atom_energy for o in outs]),
-        )
-
-    return predict
-
-
 @functools.lru_cache(maxsize=8)
 def _spec_functions(spec: ModelSpec) -> dict[str, _Compiled]:
     # Keyed by the spec, not the Potential object: parameters are arguments, so every load of
     # the same model (a workflow, repeated runs in one process) reuses the compiled shapes.
     return {
-        "predict": _Compiled(member_predict_fn(spec)),
+        "predict": _Compiled(make_predict(spec, stress=False)),
         "descriptors": _Compiled(make_descriptors(spec)),
     }
 
