@@ -5,7 +5,3 @@ from __future__ import annotations
 
 class UserInputError(ValueError):
     """Bad input from the user (config, files, structures): one readable message, exit code 2."""
-
-
-class NotAvailableError(RuntimeError):
-    """A feature whose engine has not been built yet; said plainly, never faked."""

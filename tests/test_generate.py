@@ -53,7 +53,7 @@ TINY_COUNTS = {
     "bulk_eos": 3,
     "bulk_strain": 2,
     "bulk_rattle": 4,
-    "vacancy": 1,
+    "vacancy": 2,  # one rattled, one relaxed NEB end point
     "vacancy_hop": 3,
     "interstitial": 4,
     "surface": 2,
@@ -121,7 +121,7 @@ def test_default_config_counts_and_sizes():
         "bulk_eos": 9,
         "bulk_strain": 16,
         "bulk_rattle": 32,
-        "vacancy": 4,
+        "vacancy": 6,
         "vacancy_hop": 10,
         "interstitial": 12,
         "surface": 9,
@@ -129,7 +129,7 @@ def test_default_config_counts_and_sizes():
         "liquid": 3,
         "amorphous": 5,
     }
-    assert sum(counts.values()) == 140
+    assert sum(counts.values()) == 142
     assert all(32 <= n <= 109 for v in got.values() for n in v)
     assert set(got["md"]) == {108} and set(got["vacancy"]) == {107}
 
@@ -216,7 +216,15 @@ def test_rattle_amplitudes_are_as_configured():
 
 def test_vacancy_hop_images_lie_on_the_straight_path():
     cfg = _only(
-        "vacancy", {"min_atoms": 32, "n_rattled": 0, "n_hops": 1, "hop_images": 3, "rattle": 0}
+        "vacancy",
+        {
+            "min_atoms": 32,
+            "n_rattled": 0,
+            "n_hops": 1,
+            "hop_images": 3,
+            "rattle": 0,
+            "hop_path": "linear",
+        },
     )
     frames = generate_structures(cfg)
     assert [a.info["config_type"] for a in frames] == ["vacancy_hop"] * 3
@@ -229,6 +237,27 @@ def test_vacancy_hop_images_lie_on_the_straight_path():
     # The hop covers one nearest-neighbour distance (a/√2): 0.5 of it between t=0.25 and 0.75.
     nn = frames[0].cell[0, 0] / 2 / np.sqrt(2)  # 2×2×2 cubic cells: cell = 2a
     assert abs(np.linalg.norm(moved[hop]) - 0.5 * nn) < 1e-9
+
+
+def test_vacancy_hop_band_is_the_reference_minimum_energy_path():
+    """hop_path neb: relaxed end point plus converged CI-NEB images of the reference (EMT)."""
+    from ase.calculators.emt import EMT
+
+    cfg = _only("vacancy", {"min_atoms": 32, "n_rattled": 0, "n_hops": 1, "hop_images": 5})
+    frames = generate_structures(cfg)
+    types = [a.info["config_type"] for a in frames]
+    assert types == ["vacancy"] + ["vacancy_hop"] * 5
+    assert _prov(frames[0])["relaxed"] and _prov(frames[0])["neb_steps"] > 0
+    energies, fmax = [], []
+    for a in frames:
+        a.calc = EMT()
+        energies.append(a.get_potential_energy())
+        fmax.append(np.linalg.norm(a.get_forces(), axis=1).max())
+    assert fmax[0] < 0.05  # the end point is relaxed
+    barrier = max(energies) - energies[0]
+    # EMT's Cu barrier is 0.79 eV in large cells; a 31-atom cell and fmax 0.05 shift it a little.
+    assert 0.6 < barrier < 0.9
+    assert int(np.argmax(energies)) == 3  # the climbing image sits in the middle of 5
 
 
 def test_interstitial_sites_have_the_right_geometry():

@@ -28,7 +28,7 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 ConfigArg = Annotated[
     Path | None, typer.Argument(help="YAML config file (optional where flags suffice).")
@@ -61,16 +61,13 @@ def _crash_log(exc: BaseException) -> Path:
 
 def _guarded(fn: Any) -> int:
     """Run ``fn`` and map exceptions to one message and an exit code (never a traceback)."""
-    from mlipctl.errors import NotAvailableError, UserInputError
+    from mlipctl.errors import UserInputError
 
     try:
         return fn()
     except UserInputError as exc:
         _err(str(exc))
         return EXIT_INPUT
-    except NotAvailableError as exc:
-        _err(str(exc))
-        return EXIT_UNAVAILABLE
     except KeyboardInterrupt:
         _err("interrupted; rerun with --resume to continue where supported")
         return EXIT_INTERRUPTED

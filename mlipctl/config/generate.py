@@ -152,9 +152,14 @@ class VacancyConfig(StrictModel):
         default=2, ge=0, description="Hops sampled (each from a different vacancy site)."
     )
     hop_images: int = Field(
-        default=5,
-        ge=0,
-        description="Images per hop strictly between the end points (linear interpolation).",
+        default=5, ge=0, description="Images per hop strictly between the end points."
+    )
+    hop_path: Literal["neb", "linear"] = Field(
+        default="neb",
+        description="neb: end points relaxed and the band converged (CI-NEB, fmax 0.05 eV/Å) "
+        "with the reference, images kept unrattled, plus the relaxed vacancy cell (one "
+        "reference NEB per hop: cheap with EMT, costly with DFT); linear: rattled snapshots "
+        "on the straight line between unrelaxed end points.",
     )
     rattle: float = Field(default=0.04, ge=0, description="Displacement std, Å.")
 

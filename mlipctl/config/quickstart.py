@@ -1,4 +1,4 @@
-"""`mlipctl quickstart`: the main job on the embedded default reference, in one command."""
+"""`mlipctl quickstart`: the main job (EMT by default, or any registry reference), in one command."""
 
 from __future__ import annotations
 
@@ -7,12 +7,20 @@ from typing import Literal
 from pydantic import Field
 
 from mlipctl.config.base import StrictModel
+from mlipctl.config.reference import ReferenceConfig, default_reference
 
 
 class QuickstartConfig(StrictModel):
     """Generate reference-labelled structures, fit an ensemble, validate it on the vacancy."""
 
-    element: str = Field(default="Cu", description="Element (EMT knows Al Ni Cu Pd Ag Pt Au).")
+    element: str = Field(
+        default="Cu",
+        description="Element; its crystal is ASE's reference state (EMT knows Al Ni Cu Pd Ag Pt Au).",
+    )
+    reference: ReferenceConfig = Field(
+        default_factory=default_reference,
+        description="Reference that labels the data and that the model is validated against.",
+    )
     scale: Literal["full", "ci"] = Field(
         default="full",
         description="full: the real job (about 10 minutes on 2 cores); ci: a reduced smoke run "

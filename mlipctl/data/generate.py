@@ -403,7 +403,7 @@ def gen_rattle(cfg: RattleConfig, ctx: _Context) -> list[Atoms]:
 
 
 def gen_vacancy(cfg: VacancyConfig, ctx: _Context) -> list[Atoms]:
-    """Rattled single vacancies and linear-interpolation snapshots along nearest-neighbour hops."""
+    """Rattled single vacancies, and snapshots along nearest-neighbour hops (see ``hop_path``)."""
     from mlipctl.data.crystals import vacancy_hop
 
     host, reps = _supercell(ctx.system, cfg.min_atoms)
@@ -416,24 +416,62 @@ def gen_vacancy(cfg: VacancyConfig, ctx: _Context) -> list[Atoms]:
         prov = {"site": site, "rattle": cfg.rattle, "reps": reps}
         out.append(_tag(atoms, "vacancy", "vacancy", prov, ctx))
         ctx.tick(1)
-    fractions = np.linspace(0.0, 1.0, cfg.hop_images + 2)[1:-1]
     for _ in range(cfg.n_hops):
         site = int(ctx.rng.integers(len(host)))
         initial, final, hop = vacancy_hop(host, site)
-        for t in fractions:
-            atoms = initial.copy()
-            atoms.positions = (1 - t) * initial.positions + t * final.positions
-            atoms = _rattle(atoms, cfg.rattle, ctx)
-            prov = {
-                "site": site,
-                "hop_atom": hop,
-                "fraction": t,
-                "rattle": cfg.rattle,
-                "reps": reps,
-            }
-            out.append(_tag(atoms, "vacancy_hop", "vacancy", prov, ctx))
-            ctx.tick(1)
+        base = {"site": site, "hop_atom": hop, "reps": reps}
+        if cfg.hop_path == "neb":
+            images, steps = _reference_band(initial, final, cfg.hop_images, ctx)
+            prov = {**base, "relaxed": True, "neb_steps": steps}
+            out.append(_tag(images[0], "vacancy", "vacancy", prov, ctx))
+            for k, atoms in enumerate(images[1:-1], start=1):
+                prov = {**base, "neb_image": k, "neb_steps": steps}
+                out.append(_tag(atoms, "vacancy_hop", "vacancy", prov, ctx))
+        else:
+            for t in np.linspace(0.0, 1.0, cfg.hop_images + 2)[1:-1]:
+                atoms = initial.copy()
+                atoms.positions = (1 - t) * initial.positions + t * final.positions
+                atoms = _rattle(atoms, cfg.rattle, ctx)
+                prov = {**base, "fraction": t, "rattle": cfg.rattle}
+                out.append(_tag(atoms, "vacancy_hop", "vacancy", prov, ctx))
+        ctx.tick(1)
     return out
+
+
+def _reference_band(
+    initial: Atoms, final: Atoms, n_images: int, ctx: _Context
+) -> tuple[list[Atoms], int]:
+    """End points relaxed and a CI-NEB band converged with the reference (fmax 0.05 eV/Å).
+
+    Training data only needs the band near the minimum-energy path, not a converged barrier:
+    a loose tolerance and a step cap keep this cheap. Returns the n_images + 2 structures
+    (without calculators) and the NEB steps taken.
+    """
+    from ase.mep import NEB
+    from ase.optimize import FIRE
+
+    ends = []
+    for state in (initial, final):
+        atoms = state.copy()
+        atoms.calc = ctx.make_calc()
+        FIRE(atoms, logfile=None, maxstep=0.1).run(fmax=0.05, steps=300)
+        _check_finite(atoms, "the vacancy end-point relaxation", ctx.system.label)
+        ends.append(atoms)
+    band = [ends[0]] + [ends[0].copy() for _ in range(n_images)] + [ends[1]]
+    for image in band[1:-1]:
+        image.calc = ctx.make_calc()
+    neb = NEB(band, climb=True, method="improvedtangent", allow_shared_calculator=False)
+    neb.interpolate(method="idpp", mic=True)
+    opt = FIRE(neb, logfile=None, maxstep=0.1)
+    opt.run(fmax=0.05, steps=300)
+    for image in band[1:-1]:
+        _check_finite(image, "the vacancy-hop NEB", ctx.system.label)
+    images = []
+    for image in band:
+        clean = image.copy()
+        clean.calc = None
+        images.append(clean)
+    return images, int(opt.nsteps)
 
 
 def interstitial_sites(system: System, requested: list[str] | None) -> list[str]:
@@ -758,13 +796,13 @@ _FUNCS: dict[str, Callable[[Any, _Context], list[Atoms]]] = {
 
 
 def _work_units(name: str, gcfg: Any, system: System) -> int:
-    """Progress units of one generator: structures, sites/surfaces, or MD steps."""
+    """Progress units of one generator: structures, hops, sites/surfaces, or MD steps."""
     if name == "strain":
         return gcfg.n_volumes + gcfg.n_shears
     if name == "rattle":
         return len(gcfg.amplitudes) * gcfg.n_per_amplitude
     if name == "vacancy":
-        return gcfg.n_rattled + gcfg.n_hops * gcfg.hop_images
+        return gcfg.n_rattled + gcfg.n_hops
     if name == "interstitial":
         return len(interstitial_sites(system, gcfg.sites))
     if name == "surface":

@@ -1,4 +1,4 @@
-"""The main job: EMT-labelled structures → fitted ensemble → vacancy validation.
+"""The main job: reference-labelled structures → fitted ensemble → vacancy validation.
 
 Each step is an ordinary command with its own config and report in ``<output>/<step>``; rerunning
 resumes (generation reuses finished parts, labelling labels only what is missing, fitting
@@ -43,16 +43,17 @@ def step_configs(cfg: QuickstartConfig) -> dict[str, dict[str, Any]]:
     """The config (as plain data) of every step, in order."""
     out = Path(cfg.output)
     ci = cfg.scale == "ci"
+    reference = cfg.reference.model_dump(mode="json")
     generate: dict[str, Any] = {
         "systems": [{"kind": "crystal", "element": cfg.element}],
-        "reference": {"kind": "emt"},
+        "reference": reference,
         "seed": cfg.seed,
         "output": str(out / "generate"),
         **(_CI_GENERATE if ci else {}),
     }
     label = {
         "input": str(out / "generate" / "structures.extxyz"),
-        "reference": {"kind": "emt"},
+        "reference": reference,
         "output": str(out / "label"),
     }
     epochs = cfg.max_epochs or (3 if ci else 40)
@@ -81,7 +82,7 @@ def step_configs(cfg: QuickstartConfig) -> dict[str, dict[str, Any]]:
     }
     validate = {
         "model": str(out / "fit" / "model.mlip"),
-        "reference": {"kind": "emt"},
+        "reference": reference,
         "checks": ["vacancy"],
         "crystal": {"element": cfg.element, "min_atoms": 32 if ci else 250},
         "output": str(out / "validate"),
@@ -135,9 +136,22 @@ def run_quickstart(cfg: QuickstartConfig, *, resume: bool = False, progress: boo
         timings[name] = time.perf_counter() - t0
         artifacts[f"{name}_report"] = str(step_out / "report.md")
         results[name] = _summary(name, report)
-        criteria.extend(c.model_copy(update={"name": f"{name}.{c.name}"}) for c in report.criteria)
-        if not report.passed:
-            messages.append(f"{name} failed; later steps were not run")
+        smoke_validation = name == "validate" and cfg.scale == "ci"
+        if smoke_validation:
+            # A few epochs on a few structures cannot meet the criteria: the smoke run checks
+            # that every step runs, so the verdict is shown but not judged.
+            verdict = "passes" if report.passed else "fails"
+            messages.append(
+                f"ci scale: the smoke-run model {verdict} validation; not judged (run the full "
+                "scale for a meaningful verdict)"
+            )
+        else:
+            criteria.extend(
+                c.model_copy(update={"name": f"{name}.{c.name}"}) for c in report.criteria
+            )
+        if not report.passed and not smoke_validation:
+            later = "" if name == "validate" else "; later steps were not run"
+            messages.append(f"{name} failed its criteria (see {step_out / 'report.md'}){later}")
             break
         if name == cfg.until:
             if name != "validate":
@@ -165,4 +179,10 @@ def _summary(name: str, report: Report) -> dict[str, Any]:
         return {"n_labelled": r.get("n_labelled"), "n_failed": r.get("n_failed")}
     if name == "fit":
         return {"errors": r.get("errors"), "model": report.artifacts.get("model")}
-    return {c.name: c.value for c in report.criteria}
+    vacancy = r.get("vacancy", {})
+    numbers = {
+        key: vacancy[key]
+        for key in ("formation_energy_ev", "migration_barrier_ev")
+        if isinstance(vacancy.get(key), dict)
+    }
+    return {**numbers, **{c.name: c.value for c in report.criteria}}

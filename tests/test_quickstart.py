@@ -1,0 +1,85 @@
+"""The quickstart workflow: step order, resume, verdict handling, and its fit config's twin."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from mlipctl import commands
+from mlipctl.config.quickstart import QuickstartConfig
+from mlipctl.reports.base import Criterion, Report
+from mlipctl.workflows import quickstart as Q
+
+ROOT = Path(__file__).resolve().parents[1]
+_PRODUCTS = {
+    "generate": "structures.extxyz",
+    "label": "labelled.extxyz",
+    "fit": "model.mlip",
+}
+
+
+def _fake_steps(monkeypatch, *, validate_passes: bool, calls: list[str]) -> None:
+    """Replace every step's runner by one that writes the file the next step reads."""
+
+    def fake(name: str):
+        real = commands.get_command(name)
+
+        def run(cfg, *, resume: bool = False, progress: bool = True) -> Report:
+            calls.append(name)
+            out = Path(cfg.output)
+            out.mkdir(parents=True, exist_ok=True)
+            if name in _PRODUCTS:
+                (out / _PRODUCTS[name]).write_text("x")
+            ok = validate_passes or name != "validate"
+            crit = [Criterion.at_most("formation_abs_error", 0.01 if ok else 0.3, 0.05, "eV")]
+            return Report(command=name, config=cfg.model_dump(mode="json"), criteria=crit)
+
+        return SimpleNamespace(config_class=real.config_class, run=run)
+
+    monkeypatch.setattr(Q.commands, "get_command", fake)
+
+
+@pytest.mark.parametrize("passes", [True, False])
+def test_full_scale_judges_validation(tmp_path, monkeypatch, passes):
+    calls: list[str] = []
+    _fake_steps(monkeypatch, validate_passes=passes, calls=calls)
+    report = Q.run_quickstart(QuickstartConfig(output=str(tmp_path)), progress=False)
+    assert calls == ["generate", "label", "fit", "validate"]
+    assert report.passed is passes
+    assert [c.name for c in report.criteria] == ["validate.formation_abs_error"]
+    assert any("validate failed" in m for m in report.messages) is not passes
+
+
+def test_ci_scale_reports_but_does_not_judge_validation(tmp_path, monkeypatch):
+    calls: list[str] = []
+    _fake_steps(monkeypatch, validate_passes=False, calls=calls)
+    report = Q.run_quickstart(QuickstartConfig(output=str(tmp_path), scale="ci"), progress=False)
+    assert calls[-1] == "validate" and report.passed
+    assert report.results["validate"]["formation_abs_error"] == 0.3
+    assert any("not judged" in m and "fails" in m for m in report.messages)
+
+
+def test_until_stops_and_finished_steps_are_reused(tmp_path, monkeypatch):
+    calls: list[str] = []
+    _fake_steps(monkeypatch, validate_passes=True, calls=calls)
+    cfg = QuickstartConfig(output=str(tmp_path), until="label")
+    first = Q.run_quickstart(cfg, progress=False)
+    assert calls == ["generate", "label"] and first.passed
+    assert any("nothing was validated" in m for m in first.messages)
+    again = Q.run_quickstart(cfg, progress=False)
+    assert calls == ["generate", "label"]  # both reused, not rerun
+    assert sum("reused" in m for m in again.messages) == 2
+    assert not (tmp_path / "fit").exists()
+
+
+def test_fit_emt_cu_config_is_the_quickstart_fit():
+    """configs/fit-emt-cu.yaml is the quickstart's fit step, written out for users to edit."""
+    shipped = yaml.safe_load((ROOT / "configs" / "fit-emt-cu.yaml").read_text())
+    step = Q.step_configs(QuickstartConfig())["fit"]
+    for key in ("name", "output"):
+        shipped.pop(key), step.pop(key)
+    shipped["data"].pop("path"), step["data"].pop("path")
+    assert shipped == step
