@@ -56,7 +56,7 @@ def step_configs(cfg: QuickstartConfig) -> dict[str, dict[str, Any]]:
         "reference": reference,
         "output": str(out / "label"),
     }
-    epochs = cfg.max_epochs or (3 if ci else 40)
+    epochs = cfg.max_epochs or (3 if ci else 60)
     fit = {
         "name": f"quickstart-{cfg.element}",
         "output": str(out / "fit"),
@@ -64,6 +64,16 @@ def step_configs(cfg: QuickstartConfig) -> dict[str, dict[str, Any]]:
             "path": str(out / "label" / "labelled.extxyz"),
             "valid_fraction": 0.1,
             "seed": cfg.seed,
+            # Defect energetics are differences of total energies: weight the cells they come
+            # from, and let the hot disordered cells (liquid, amorphous) matter less.
+            "config_type_weights": {
+                "bulk_eos": 5.0,
+                "bulk_strain": 2.0,
+                "vacancy": 5.0,
+                "vacancy_hop": 5.0,
+                "liquid": 0.2,
+                "amorphous": 0.5,
+            },
         },
         "model": {
             "architecture": {"kind": "moment", "cutoff": 5.0},
@@ -77,6 +87,14 @@ def step_configs(cfg: QuickstartConfig) -> dict[str, dict[str, Any]]:
             "schedule": {
                 "kind": "cosine",
                 "warmup_epochs": min(2, epochs - 1) if epochs > 1 else 0,
+            },
+            # Per-atom energies in (eV/atom)^2 are ~1e-6 where forces are ~1e-3 (eV/Å)^2: without
+            # this weight the fit ignores the energies that formation energies are made of.
+            "loss": {
+                "kind": "mse",
+                "energy_weight": 1000.0,
+                "forces_weight": 1.0,
+                "stress_weight": 1.0,
             },
         },
     }
