@@ -181,10 +181,27 @@ def test_loss_ignores_padding_and_uses_weights():
     want = 2.0 * np.mean(e_err**2) + 0.5 * np.mean(f_err**2) + 3.0 * np.mean(s_err**2)
     assert float(clean.total[0]) == pytest.approx(want, rel=1e-10)
 
-    # Weight 0 on a structure removes it from the energy term.
+    # Weight 0 on a structure removes it from the energy term (and from the mean's count).
     t0 = t._replace(weight=np.array([1.0, 0.0, 0.0, 0.0]))
     only_first = batch_loss(e, f, s, g, t0, LossSettings(1.0, 0.0, 0.0))
     assert float(only_first.total[0]) == pytest.approx(e_err[0] ** 2, rel=1e-10)
+
+    # Weights multiply: a weight of 5 on the first structure adds 4 more of its terms.
+    t5 = t._replace(weight=np.array([5.0, 1.0, 0.0, 0.0]))
+    heavy = batch_loss(e, f, s, g, t5, LossSettings(1.0, 0.0, 0.0))
+    want5 = (5.0 * e_err[0] ** 2 + e_err[1] ** 2) / 2
+    assert float(heavy.total[0]) == pytest.approx(want5, rel=1e-10)
+
+
+def test_a_weight_counts_in_a_batch_of_one_structure():
+    """A config_type weight must change the loss of a batch holding only that structure (a
+    weighted mean sum(w x)/sum(w) would cancel it there: batch size 1 would ignore weights)."""
+    items = _structures(1)
+    g, t = _batch(items)
+    e, f, s = _noisy_predictions(g, t, K=1)
+    base = batch_loss(e, f, s, g, t, LossSettings(1.0, 1.0, 1.0))
+    heavy = batch_loss(e, f, s, g, t._replace(weight=t.weight * 5.0), LossSettings(1.0, 1.0, 1.0))
+    np.testing.assert_allclose(np.asarray(heavy.total), 5.0 * np.asarray(base.total), rtol=1e-12)
 
 
 def test_huber_is_quadratic_below_delta_and_linear_above():

@@ -111,20 +111,24 @@ def batch_loss(
     """
     kind, delta = settings.kind, settings.delta
     w_e, w_f, w_s = structure_weights(graph, targets)
+    # Weights multiply a label's term; the mean runs over the labels with non-zero weight. (A
+    # weighted mean, sum(w x) / sum(w), would cancel the weights whenever a batch holds one
+    # structure or one config type.)
+    n_e, n_f, n_s = ((w > 0).astype(energy.dtype) for w in (w_e, w_f, w_s))
     n_at = jnp.maximum(jnp.asarray(graph.n_atoms), 1).astype(energy.dtype)
     e_err = (energy - jnp.asarray(targets.energy, energy.dtype)[None]) / n_at[None]
-    l_e = _safe_div(jnp.sum(w_e[None] * _rho(e_err, kind, delta), axis=1), jnp.sum(w_e))
+    l_e = _safe_div(jnp.sum(w_e[None] * _rho(e_err, kind, delta), axis=1), jnp.sum(n_e))
 
     f_err = forces - jnp.asarray(targets.forces, forces.dtype)[None]
     f_term = jnp.sum(_rho(f_err, kind, delta), axis=2)  # (K, N)
-    l_f = _safe_div(jnp.sum(w_f[None] * f_term, axis=1), 3.0 * jnp.sum(w_f))
+    l_f = _safe_div(jnp.sum(w_f[None] * f_term, axis=1), 3.0 * jnp.sum(n_f))
 
     if stress is None:
         l_s = jnp.zeros_like(l_e)
     else:
         s_err = stress - jnp.asarray(targets.stress, stress.dtype)[None]
         s_term = jnp.sum(_rho(s_err, kind, delta), axis=(2, 3))  # (K, B)
-        l_s = _safe_div(jnp.sum(w_s[None] * s_term, axis=1), 9.0 * jnp.sum(w_s))
+        l_s = _safe_div(jnp.sum(w_s[None] * s_term, axis=1), 9.0 * jnp.sum(n_s))
 
     total = (
         settings.energy_weight * l_e + settings.forces_weight * l_f + settings.stress_weight * l_s
