@@ -16,6 +16,7 @@ import pytest
 from ase.build import bulk
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
+from ase.geometry import find_mic
 from ase.md.verlet import VelocityVerlet
 from typer.testing import CliRunner
 
@@ -45,7 +46,12 @@ def model(tmp_path_factory) -> Path:
         # Volumes within ±4 %: the model needs an equation of state with a minimum.
         a = bulk("Cu", "fcc", a=3.59 * (1 + rng.uniform(-0.04, 0.04)), cubic=True).repeat(2)
         if k % 3 == 0:
-            del a[k % len(a)]
+            # A vacancy with a neighbour part of the way into it: the validated hop's region.
+            site = a.positions[0].copy()
+            del a[0]
+            to_site, dist = find_mic(site - a.positions, a.cell, pbc=True)
+            j = int(np.argmin(dist))
+            a.positions[j] += rng.uniform(0.0, 0.5) * to_site[j]
         a.rattle(0.03 + 0.02 * (k % 3), seed=k)
         frames.append(_labelled(a))
     ase.io.write(root / "cu.extxyz", frames)

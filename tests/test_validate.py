@@ -33,6 +33,7 @@ from mlipctl.engines.validate import (
 )
 from mlipctl.engines.validate_defects import RelaxSettings
 from mlipctl.errors import UserInputError
+from mlipctl.reference import registry
 from mlipctl.reference.registry import make_calculator
 
 SMALL = Settings(min_atoms=32, neb_images=3)
@@ -234,6 +235,52 @@ def test_runner_reports_failures(tmp_path, monkeypatch, small_transfer):
     assert not report.passed
     assert report.results["verdict"]["failed"]
     assert all(c.threshold is not None for c in report.criteria)
+
+
+class _NaNWithVacancy(EMT):
+    """EMT, except that a cell with a vacancy (N not a multiple of 4) gets a NaN energy."""
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=()):
+        super().calculate(atoms, properties, system_changes)
+        if len(self.atoms) % 4 or self.always:
+            self.results["energy"] = float("nan")
+
+    always = False
+
+
+class _AlwaysNaN(_NaNWithVacancy):
+    always = True
+
+
+def test_model_breakdown_is_a_failed_check_not_bad_input(tmp_path, monkeypatch, small_transfer):
+    monkeypatch.setattr(validate_mod, "load_model", lambda path: (_NaNWithVacancy, ("Cu",), None))
+    report = run_validate(
+        _cfg(tmp_path, checks=["vacancy", "bulk"], transferability=[small_transfer]),
+        progress=False,
+    )
+    failed = report.results["verdict"]["failed"]
+    assert failed == ["vacancy.model_breakdown"]
+    assert "non-finite" in report.results["vacancy"]["model_breakdown"]
+    assert report.results["vacancy"]["model_breakdown"].startswith("model: ")
+    assert "bulk" in report.results and any(c.name.startswith("bulk.") for c in report.criteria)
+
+    # Without an equilibrium crystal no check can run: each one fails and says why.
+    monkeypatch.setattr(validate_mod, "load_model", lambda path: (_AlwaysNaN, ("Cu",), None))
+    report = run_validate(
+        _cfg(tmp_path, checks=["vacancy"], transferability=[small_transfer], output=str(tmp_path / "o2")),
+        progress=False,
+    )
+    assert report.results["verdict"]["failed"] == [
+        "equilibrium.model_breakdown",
+        "vacancy.model_breakdown",
+        "transferability.model_breakdown",
+    ]
+
+    # The reference breaking down is bad input, as before.
+    monkeypatch.setattr(validate_mod, "load_model", lambda path: (EMT, ("Cu",), None))
+    monkeypatch.setattr(registry, "make_calculator", lambda cfg: _AlwaysNaN())
+    with pytest.raises(UserInputError, match="^reference: "):
+        run_validate(_cfg(tmp_path, checks=["vacancy"], output=str(tmp_path / "o3")), progress=False)
 
 
 def test_runner_input_errors(tmp_path, monkeypatch):

@@ -77,7 +77,7 @@ from mlipctl.engines.validate_transfer import (
     parity_plot,
     transferability_map,
 )
-from mlipctl.errors import UserInputError
+from mlipctl.errors import ModelBreakdown, UserInputError
 from mlipctl.reports.base import Criterion, Environment, Report, atomic_write_bytes
 
 SIDES = ("model", "reference")
@@ -202,10 +202,21 @@ def _rel_criterion(
 
 
 @contextmanager
-def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+def _timed(timings: dict[str, float], key: str, side: str | None = None) -> Iterator[None]:
+    """Time a block; with ``side``, name the calculator in its errors.
+
+    What the model does wrong (NaN energies, collapsed atoms, no EOS minimum) is a validation
+    finding (:class:`ModelBreakdown`); what the reference does wrong stays bad input.
+    """
     t0 = time.perf_counter()
     try:
         yield
+    except UserInputError as exc:
+        if side is None:
+            raise
+        if side == "model":
+            raise ModelBreakdown(f"model: {exc}") from None
+        raise UserInputError(f"{side}: {exc}") from None
     finally:
         timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
 
@@ -224,11 +235,8 @@ def equilibrium_states(
     timings = {} if timings is None else timings
     out = {}
     for side, eng in engines.items():
-        with _timed(timings, f"equilibrium.{side}"):
-            try:
-                out[side] = equilibrium_state(eng.calc, element, structure)
-            except UserInputError as exc:
-                raise UserInputError(f"{side}: {exc}") from None
+        with _timed(timings, f"equilibrium.{side}", side):
+            out[side] = equilibrium_state(eng.calc, element, structure)
     return out
 
 
@@ -370,7 +378,7 @@ def validate_bulk(
         return out
     cij = {}
     for side, eng in engines.items():
-        with _timed(out.timings, f"bulk.elastic.{side}"):
+        with _timed(out.timings, f"bulk.elastic.{side}", side):
             cij[side] = elastic_constants(
                 eng.calc, states[side], optimizer=settings.relax.optimizer
             )
@@ -467,7 +475,7 @@ def validate_vacancy(
     ef, neb, relaxed_ok = {}, {}, {}
     for side, eng in engines.items():
         note(f"vacancy: {side} relaxations")
-        with _timed(out.timings, f"vacancy.relax.{side}"):
+        with _timed(out.timings, f"vacancy.relax.{side}", side):
             perfect = perfect_supercell(states[side], settings.min_atoms)
             e_bulk = energy_of(eng.calc, perfect)
             initial, final, _ = vacancy_endpoints(perfect)
@@ -485,7 +493,7 @@ def validate_vacancy(
         }
         out.structures[f"vacancy_{side}.extxyz"] = _tag([vi.atoms, vf.atoms], side=side)
         note(f"vacancy: {side} CI-NEB")
-        with _timed(out.timings, f"vacancy.neb.{side}"):
+        with _timed(out.timings, f"vacancy.neb.{side}", side):
             neb[side] = migration_path(
                 eng,
                 vi.atoms,
@@ -522,7 +530,7 @@ def validate_vacancy(
         ("s", "energy_model_ev", "energy_reference_ev"), list(zip(s, e_m, e_r, strict=True))
     )
     note("vacancy: model smoothness along its path")
-    with _timed(out.timings, "vacancy.smoothness.model"):
+    with _timed(out.timings, "vacancy.smoothness.model", "model"):
         sm = path_smoothness(engines["model"], neb["model"].images, settings.dense_points)
     out.results["smoothness_model"] = sm.summary()
     out.files["path_smoothness.png"] = _smoothness_plot(sm)
@@ -616,7 +624,7 @@ def validate_interstitial(
     energies: dict[str, dict[str, float]] = {}
     ok = True
     for side, eng in engines.items():
-        with _timed(out.timings, f"interstitial.relax.{side}"):
+        with _timed(out.timings, f"interstitial.relax.{side}", side):
             perfect = perfect_supercell(states[side], settings.min_atoms)
             e_bulk = energy_of(eng.calc, perfect)
             frames = []
@@ -702,7 +710,7 @@ def validate_divacancy(
     states = _states(engines, element, structure, states, out.timings)
     e2, e1, ok = {}, {}, True
     for side, eng in engines.items():
-        with _timed(out.timings, f"divacancy.relax.{side}"):
+        with _timed(out.timings, f"divacancy.relax.{side}", side):
             perfect = perfect_supercell(states[side], settings.min_atoms)
             e_bulk = energy_of(eng.calc, perfect)
             atoms, _ = divacancy(perfect)
@@ -764,7 +772,7 @@ def validate_surface(
     ok = True
     for side, eng in engines.items():
         frames = []
-        with _timed(out.timings, f"surface.relax.{side}"):
+        with _timed(out.timings, f"surface.relax.{side}", side):
             for miller in default_millers(struct):
                 label = surface_label(struct, miller)
                 slab = surface_slab(states[side], miller)
@@ -805,7 +813,7 @@ def validate_test_set(model: Any, path: str | Path) -> CheckOutcome:
 
     out = CheckOutcome("test_set")
     items = read_structures(path)
-    with _timed(out.timings, "test_set.model"):
+    with _timed(out.timings, "test_set.model", "model"):
         res = evaluate_test_set(resolve(model, "model"), items)
     out.results = {
         "file": str(path),
@@ -849,7 +857,7 @@ def validate_transferability(
         source = "generated: rattled bulk, low-index slabs, reference melt-quenched cell"
     else:
         source = "given structures"
-    with _timed(out.timings, "transferability.evaluate"):
+    with _timed(out.timings, "transferability.evaluate", "model"):
         res = transferability_map(
             engines["model"], engines["reference"], structures, states["reference"]
         )
@@ -863,6 +871,15 @@ def validate_transferability(
 # --------------------------------------------------------------------------------------------
 # Writing and the CLI runner
 # --------------------------------------------------------------------------------------------
+
+
+def breakdown_outcome(step: str, reason: str) -> CheckOutcome:
+    """A check the model broke down in: one failed criterion that says why."""
+    out = CheckOutcome(name=step)
+    out.results["model_breakdown"] = reason
+    out.criteria.append(Criterion.is_true(f"{step}.model_breakdown", False, detail=reason))
+    out.messages.append(f"{step}: the model broke down ({reason}); the check failed")
+    return out
 
 
 def write_outcome(outcome: CheckOutcome, out_dir: str | Path) -> dict[str, str]:
@@ -1057,6 +1074,7 @@ def run_validate(cfg: ValidateConfig, *, resume: bool = False, progress: bool = 
 
     states: dict[str, BulkState] = {}
     shared: dict[str, Any] = {}
+    broken = ""  # why the model has no equilibrium crystal, when it has none
 
     def compute(step: str, note: Callable[..., None]) -> CheckOutcome:
         kw: dict[str, Any] = {"thresholds": thr, "settings": settings, "states": states}
@@ -1110,11 +1128,18 @@ def run_validate(cfg: ValidateConfig, *, resume: bool = False, progress: bool = 
                 messages.append(f"resume: reused the finished '{step}' step of an earlier run")
             else:
                 with _timed(timings, f"{step}.total"):
-                    outcome = compute(step, lambda d: update(d))
+                    try:
+                        if broken:  # without its equilibrium crystal no check can run
+                            raise ModelBreakdown(broken)
+                        outcome = compute(step, lambda d: update(d))
+                    except ModelBreakdown as exc:
+                        outcome = breakdown_outcome(step, str(exc))
                 with _timed(timings, "write"):
                     files = write_outcome(outcome, out)
                     _save_cached(out, step, key, outcome, files)
-            if step == "equilibrium":
+            if step == "equilibrium" and "model_breakdown" in outcome.results:
+                broken = outcome.results["model_breakdown"]
+            elif step == "equilibrium":
                 states.update(
                     {s: BulkState.from_dict(d) for s, d in outcome.shared["states"].items()}
                 )
