@@ -267,7 +267,12 @@ def test_model_breakdown_is_a_failed_check_not_bad_input(tmp_path, monkeypatch, 
     # Without an equilibrium crystal no check can run: each one fails and says why.
     monkeypatch.setattr(validate_mod, "load_model", lambda path: (_AlwaysNaN, ("Cu",), None))
     report = run_validate(
-        _cfg(tmp_path, checks=["vacancy"], transferability=[small_transfer], output=str(tmp_path / "o2")),
+        _cfg(
+            tmp_path,
+            checks=["vacancy"],
+            transferability=[small_transfer],
+            output=str(tmp_path / "o2"),
+        ),
         progress=False,
     )
     assert report.results["verdict"]["failed"] == [
@@ -280,7 +285,9 @@ def test_model_breakdown_is_a_failed_check_not_bad_input(tmp_path, monkeypatch, 
     monkeypatch.setattr(validate_mod, "load_model", lambda path: (EMT, ("Cu",), None))
     monkeypatch.setattr(registry, "make_calculator", lambda cfg: _AlwaysNaN())
     with pytest.raises(UserInputError, match="^reference: "):
-        run_validate(_cfg(tmp_path, checks=["vacancy"], output=str(tmp_path / "o3")), progress=False)
+        run_validate(
+            _cfg(tmp_path, checks=["vacancy"], output=str(tmp_path / "o3")), progress=False
+        )
 
 
 def test_runner_input_errors(tmp_path, monkeypatch):
