@@ -74,6 +74,13 @@ def test_unknown_key_inside_union_variant(tmp_path):
     ]
 
 
+def test_flow_mapping_without_space_is_explained(tmp_path):
+    probs = _problems(tmp_path, "data: x\ntraining: {zzz:3}\n", check_files=False)
+    assert len(probs) == 1
+    assert probs[0].startswith("training.zzz:3 (line 2): unknown key. (YAML reads 'key:value'")
+    assert probs[0].endswith("Allowed keys here: epochs, optimizer.")
+
+
 def test_wrong_type_and_out_of_range_each_one_line(tmp_path):
     text = "data: x\ntraining:\n  epochs: many\n  optimizer: {kind: sgd, momentum: 1.5}\n"
     probs = _problems(tmp_path, text, check_files=False)

@@ -158,7 +158,10 @@ def format_errors(
             parent = _model_at(model, tuple(err["loc"])[:-1])
             allowed = sorted(parent.model_fields) if parent else []
             guess = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
-            hint = f"; did you mean '{guess[0]}'?" if guess else ""
+            hint = f"; did you mean '{guess[0]}'?" if guess else "."
+            if ":" in str(loc[-1]):
+                # '{kind:none}' is one key to YAML: flow mappings need ': ' with a space.
+                hint += " (YAML reads 'key:value' without a space as a single key)"
             known = f" Allowed keys here: {', '.join(allowed)}." if allowed else ""
             msg = f"{dotted}{where}: unknown key{hint}{known}"
         elif etype == "missing":
