@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from mlipctl.config.base import InputPath, StrictModel
 
@@ -22,6 +22,10 @@ EAM_SUFFIXES: dict[str, str] = {
     ".adp": "angular-dependent potential (adp)",
 }
 """Potential file suffixes understood by the EAM reference, with the format each one means."""
+
+FINNIS_SINCLAIR_ELEMENTS: tuple[str, ...] = ("V", "Nb", "Ta", "Cr", "Mo", "W", "Fe")
+"""Elements with published Finnis-Sinclair (1984) parameters (the table itself lives in
+:mod:`mlipctl.reference.finnis_sinclair`)."""
 
 # Girifalco & Weizer (1959) Morse parameters for Cu: the defaults, so `{kind: morse}` is usable.
 _CU_MORSE_ALPHA = 1.3588  # 1/Å
@@ -179,6 +183,59 @@ class PySCFReference(StrictModel):
     conv_tol: float = Field(default=1e-9, gt=0, description="SCF energy convergence, Hartree.")
 
 
+class FinnisSinclairReference(StrictModel):
+    """Finnis & Sinclair's N-body potential for bcc transition metals (Phil. Mag. A 50, 45 (1984)).
+
+    Built in, no files: V, Nb, Ta, Cr, Mo, W and Fe (Fe as corrected in the 1986 erratum). Each
+    published set reproduces its element's bcc lattice constant and cohesive energy. The 1984
+    potential has no cross terms, so a structure holds one element.
+    """
+
+    kind: Literal["finnis_sinclair"] = Field(
+        default="finnis_sinclair", description="Finnis-Sinclair (1984) bcc-metal potential."
+    )
+    element: str | None = Field(
+        default=None,
+        description="One of V, Nb, Ta, Cr, Mo, W, Fe: serve only this element (and allow "
+        "parameter overrides). None: each structure gets its own element's published parameters.",
+    )
+    A: float | None = Field(
+        default=None, gt=0, description="Override: embedding strength A, eV (F(ρ) = −A √ρ)."
+    )
+    d: float | None = Field(default=None, gt=0, description="Override: density cutoff d, Å.")
+    beta: float | None = Field(
+        default=None, ge=0, description="Override: cubic term β of the density function."
+    )
+    c: float | None = Field(default=None, gt=0, description="Override: pair-term cutoff c, Å.")
+    c0: float | None = Field(default=None, description="Override: pair coefficient c0, eV/Å².")
+    c1: float | None = Field(default=None, description="Override: pair coefficient c1, eV/Å³.")
+    c2: float | None = Field(default=None, description="Override: pair coefficient c2, eV/Å⁴.")
+
+    @field_validator("element")
+    @classmethod
+    def _tabulated(cls, value: str | None) -> str | None:
+        if value is not None and value not in FINNIS_SINCLAIR_ELEMENTS:
+            raise ValueError(
+                f"{value!r} has no Finnis-Sinclair parameters; tabulated elements: "
+                f"{', '.join(FINNIS_SINCLAIR_ELEMENTS)}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> FinnisSinclairReference:
+        if self.element is None and self.overrides():
+            raise ValueError(
+                f"parameter overrides ({', '.join(sorted(self.overrides()))}) need an element "
+                "to apply to; set element"
+            )
+        return self
+
+    def overrides(self) -> dict[str, float]:
+        """The parameters given explicitly (to replace the element's published ones)."""
+        names = ("A", "d", "beta", "c", "c0", "c1", "c2")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
 _CLASS_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*(:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*)?$")
 
 
@@ -223,12 +280,14 @@ ReferenceConfig = Annotated[
     | LJReference
     | MorseReference
     | EAMReference
+    | FinnisSinclairReference
     | TBLiteReference
     | PySCFReference
     | ImportReference,
     Field(discriminator="kind"),
 ]
-"""One reference calculator, chosen by ``kind``: emt, lj, morse, eam, tblite, pyscf, import."""
+"""One reference calculator, chosen by ``kind``: emt, lj, morse, eam, finnis_sinclair, tblite,
+pyscf, import."""
 
 
 def default_reference() -> EMTReference:

@@ -23,8 +23,10 @@ from ase.units import Bohr, Hartree
 from pydantic import TypeAdapter, ValidationError
 
 from mlipctl.config.reference import (
+    FINNIS_SINCLAIR_ELEMENTS,
     EAMReference,
     EMTReference,
+    FinnisSinclairReference,
     ImportReference,
     LJReference,
     MorseReference,
@@ -94,6 +96,10 @@ def make_calculator(cfg: ReferenceConfig | dict[str, Any]) -> BaseCalculator:
         )
     if isinstance(cfg, EAMReference):
         return _make_eam(cfg)
+    if isinstance(cfg, FinnisSinclairReference):
+        from mlipctl.reference.finnis_sinclair import FinnisSinclair, fs_parameters
+
+        return FinnisSinclair(fs_parameters(cfg.element, **cfg.overrides()))
     if isinstance(cfg, TBLiteReference):
         try:
             from tblite.ase import TBLite
@@ -129,7 +135,8 @@ def make_calculator(cfg: ReferenceConfig | dict[str, Any]) -> BaseCalculator:
 def supported_elements(cfg: ReferenceConfig | dict[str, Any]) -> set[str] | None:
     """Chemical symbols the reference can treat, or None when it sets no known limit.
 
-    EMT: from ASE's EMT parameter table; EAM: the elements in the potential file; tblite: H-Rn.
+    EMT: from ASE's EMT parameter table; EAM: the elements in the potential file; Finnis-Sinclair:
+    its element, or all seven tabulated ones when none is set; tblite: H-Rn.
     Pair potentials (LJ, Morse) apply one parameter set to any element, and for PySCF or an
     imported calculator the limit is not knowable up front: those return None.
     """
@@ -140,6 +147,8 @@ def supported_elements(cfg: ReferenceConfig | dict[str, Any]) -> set[str] | None
         return set(parameters)
     if isinstance(cfg, EAMReference):
         return set(_read_eam_ase(cfg).elements)
+    if isinstance(cfg, FinnisSinclairReference):
+        return {cfg.element} if cfg.element is not None else set(FINNIS_SINCLAIR_ELEMENTS)
     if isinstance(cfg, TBLiteReference):
         return set(chemical_symbols[1 : _XTB_MAX_Z + 1])
     return None
