@@ -76,13 +76,13 @@ def test_reference_against_itself_passes_below_one_mev(emt_states, tmp_path):
     vac = outcomes[1].results
     assert 1.15 < vac["formation_energy_ev"]["reference"] < 1.3
     assert vac["migration_barrier_ev"]["reference"] == pytest.approx(0.79, abs=0.02)
-    assert vac["profile_rms_ev"] < MEV
+    assert vac["profile_rms_ev"] < MEV and vac["profile_shape_rms"] < MEV
     assert vac["smoothness_model"]["force_consistency_rel"] < 0.01
     names = {c.name for c in outcomes[1].criteria}
     assert {
         "vacancy.formation_abs_error",
         "vacancy.migration_rel_error",
-        "vacancy.profile_rms",
+        "vacancy.profile_shape_rms",
         "vacancy.force_consistency_rel",
         "vacancy.energy_jump_ratio",
         "vacancy.force_jump_ratio",

@@ -36,8 +36,11 @@ class Thresholds(StrictModel):
     migration_rel: float = Field(
         default=0.10, gt=0, description="|ΔE_m| / E_m(ref) of the vacancy hop (10 %)."
     )
-    profile_rms_ev: float = Field(
-        default=0.05, gt=0, description="RMS difference of the two NEB energy profiles, eV."
+    profile_shape_rel: float = Field(
+        default=0.10,
+        gt=0,
+        description="RMS difference of the two NEB energy profiles, each divided by its own "
+        "barrier (shape only: the height is judged by migration_rel).",
     )
     force_consistency_rel: float = Field(
         default=0.05,
