@@ -87,3 +87,12 @@ def test_fit_emt_cu_config_is_the_quickstart_fit():
         shipped.pop(key), step.pop(key)
     shipped["data"].pop("path"), step["data"].pop("path")
     assert shipped == step
+
+
+@pytest.mark.slow
+def test_full_quickstart_passes_its_vacancy_validation(tmp_path):
+    """The README's main job, for real: configs/fit-emt-cu.yaml's fit passes against EMT (~10 min)."""
+    report = Q.run_quickstart(QuickstartConfig(output=str(tmp_path)), progress=False)
+    failed = [(c.name, c.value) for c in report.criteria if not c.passed]
+    assert report.passed, failed
+    assert report.results["validate"]["vacancy.formation_abs_error"] <= 0.05
