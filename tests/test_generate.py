@@ -121,17 +121,18 @@ def test_default_config_counts_and_sizes():
         "bulk_eos": 9,
         "bulk_strain": 16,
         "bulk_rattle": 32,
-        "vacancy": 11,  # 8 rattled + 3 relaxed hop starts
-        "vacancy_hop": 15,
+        "vacancy": 10,  # 8 rattled + 2 relaxed hop starts
+        "vacancy_hop": 10,
         "interstitial": 12,
         "surface": 9,
         "md": 40,
         "liquid": 3,
         "amorphous": 5,
     }
-    assert sum(counts.values()) == 152
+    assert sum(counts.values()) == 146
     assert all(31 <= n <= 109 for v in got.values() for n in v)
-    assert set(got["md"]) == {108} and set(got["vacancy"]) == set(got["vacancy_hop"]) == {31}
+    assert set(got["md"]) == {108} and set(got["vacancy"]) == {31, 107}
+    assert got["vacancy_hop"] == [31] * 5 + [107] * 5  # one hop per host size
 
 
 def test_same_seed_same_set_other_seed_differs(tiny_set):

@@ -416,10 +416,12 @@ def gen_vacancy(cfg: VacancyConfig, ctx: _Context) -> list[Atoms]:
         prov = {"site": site, "rattle": cfg.rattle, "reps": reps}
         out.append(_tag(atoms, "vacancy", "vacancy", prov, ctx))
         ctx.tick(1)
-    for _ in range(cfg.n_hops):
-        site = int(ctx.rng.integers(len(host)))
-        initial, final, hop = vacancy_hop(host, site)
-        base = {"site": site, "hop_atom": hop, "reps": reps}
+    hop_sizes = cfg.hop_min_atoms or [cfg.min_atoms]
+    for k in range(cfg.n_hops):
+        hop_host, hop_reps = _supercell(ctx.system, hop_sizes[k % len(hop_sizes)])
+        site = int(ctx.rng.integers(len(hop_host)))
+        initial, final, hop = vacancy_hop(hop_host, site)
+        base = {"site": site, "hop_atom": hop, "reps": hop_reps}
         if cfg.hop_path == "neb":
             images, steps = _reference_band(initial, final, cfg.hop_images, ctx)
             prov = {**base, "relaxed": True, "neb_steps": steps}
