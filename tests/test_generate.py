@@ -121,18 +121,17 @@ def test_default_config_counts_and_sizes():
         "bulk_eos": 9,
         "bulk_strain": 16,
         "bulk_rattle": 32,
-        "vacancy": 10,  # 8 rattled + 2 relaxed hop starts
-        "vacancy_hop": 10,
+        "vacancy": 11,  # 8 rattled + 3 relaxed hop starts
+        "vacancy_hop": 15,
         "interstitial": 12,
         "surface": 9,
         "md": 40,
         "liquid": 3,
         "amorphous": 5,
     }
-    assert sum(counts.values()) == 146
+    assert sum(counts.values()) == 152
     assert all(31 <= n <= 109 for v in got.values() for n in v)
-    assert set(got["md"]) == {108} and set(got["vacancy"]) == {31, 107}
-    assert got["vacancy_hop"] == [31] * 5 + [107] * 5  # one hop per host size
+    assert set(got["md"]) == {108} and set(got["vacancy_hop"]) == {31}
 
 
 def test_same_seed_same_set_other_seed_differs(tiny_set):
@@ -238,6 +237,22 @@ def test_vacancy_hop_images_lie_on_the_straight_path():
     # The hop covers one nearest-neighbour distance (a/√2): 0.5 of it between t=0.25 and 0.75.
     nn = frames[0].cell[0, 0] / 2 / np.sqrt(2)  # 2×2×2 cubic cells: cell = 2a
     assert abs(np.linalg.norm(moved[hop]) - 0.5 * nn) < 1e-9
+
+
+def test_vacancy_hops_cycle_over_host_sizes():
+    cfg = _only(
+        "vacancy",
+        {
+            "n_rattled": 0,
+            "n_hops": 3,
+            "hop_images": 1,
+            "hop_path": "linear",
+            "hop_min_atoms": [32, 108],
+        },
+    )
+    frames = generate_structures(cfg)
+    assert [len(a) for a in frames] == [31, 107, 31]
+    assert [_prov(a)["reps"] for a in frames] == [[2, 2, 2], [3, 3, 3], [2, 2, 2]]
 
 
 def test_vacancy_hop_band_is_the_reference_minimum_energy_path():

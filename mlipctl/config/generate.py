@@ -155,10 +155,10 @@ class VacancyConfig(StrictModel):
     )
     n_rattled: int = Field(default=8, ge=0, description="Rattled cells with one vacancy.")
     n_hops: int = Field(
-        default=2, ge=0, description="Hops sampled (each from a different vacancy site)."
+        default=3, ge=0, description="Hops sampled (each from a different vacancy site)."
     )
     hop_min_atoms: list[Annotated[int, Field(ge=2)]] | None = Field(
-        default=[32, 108],
+        default=None,
         description="Smallest host cell of each hop, atoms, cycled over the hops (None: "
         "min_atoms for all). In one small cubic host every nearest-neighbour hop is the same "
         "by symmetry; a larger host adds the saddle's longer-range relaxation.",
