@@ -121,18 +121,30 @@ def test_broken_calculators_fail(hop_band, mode, consistency, energy_jump, force
 
 def _fake_neb(energy_fn) -> SimpleNamespace:
     x = np.linspace(0.0, 2.5, 101)  # Å, any length: the comparison normalises it
-    return SimpleNamespace(spline_coordinate=x, spline_energy=energy_fn(x / x[-1]))
+    e = energy_fn(x / x[-1])
+    return SimpleNamespace(spline_coordinate=x, spline_energy=e, barrier_forward=e.max() - e[0])
 
 
 def test_profile_rms_on_normalised_coordinate():
     a = _fake_neb(lambda s: 0.8 * np.sin(np.pi * s) ** 2)
     b = _fake_neb(lambda s: 0.9 * np.sin(np.pi * s) ** 2)
     b.spline_coordinate = b.spline_coordinate * 1.7  # a longer path, same shape
-    rms, s, ea, eb = profile_rms(a, b, n=2001)
-    # RMS of 0.1 sin²(πs) over [0, 1] = 0.1 sqrt(3/8).
-    assert rms == pytest.approx(0.1 * np.sqrt(3 / 8), rel=1e-3)
-    assert profile_rms(a, a)[0] == 0.0
-    assert eb.max() == pytest.approx(0.9, rel=1e-4) and s[0] == 0 and s[-1] == 1
+    cmp = profile_rms(a, b, n=2001)
+    # RMS of 0.1 sin²(πs) over [0, 1] = 0.1 sqrt(3/8); the shapes are the same.
+    assert cmp.rms == pytest.approx(0.1 * np.sqrt(3 / 8), rel=1e-3)
+    assert cmp.shape_rms == pytest.approx(0.0, abs=1e-12)
+    assert profile_rms(a, a).rms == 0.0
+    assert cmp.energy_b.max() == pytest.approx(0.9, rel=1e-4)
+    assert cmp.s[0] == 0 and cmp.s[-1] == 1
+
+
+def test_profile_shape_sees_a_shoulder_not_the_height():
+    a = _fake_neb(lambda s: np.sin(np.pi * s) ** 2)
+    # Same barrier at the same place, with a shoulder on the way up.
+    b = _fake_neb(lambda s: np.sin(np.pi * s) ** 2 + 0.5 * np.sin(2 * np.pi * s) ** 2 * (s < 0.5))
+    assert profile_rms(a, b).shape_rms > 0.1
+    flat = _fake_neb(lambda s: 0.0 * s)
+    assert profile_rms(a, flat).shape_rms is None
 
 
 def test_coincident_images_are_rejected(hop_band):

@@ -523,14 +523,9 @@ def validate_vacancy(
         }
         for side in SIDES
     }
-    rms, s, e_m, e_r = profile_rms(neb["model"], neb["reference"])
+    prof = profile_rms(neb["model"], neb["reference"])
+    rms, shape, s, e_m, e_r = prof.rms, prof.shape_rms, prof.s, prof.energy_a, prof.energy_b
     out.results["profile_rms_ev"] = rms
-    # Shape apart from height: a model profile with no barrier has no shape to compare.
-    shape = (
-        float(np.sqrt(np.mean((e_m / em["model"] - e_r / em["reference"]) ** 2)))
-        if em["model"] > 1e-3 and em["reference"] > 1e-3
-        else None
-    )
     out.results["profile_shape_rms"] = shape
     out.files["neb_profiles.png"] = _profile_plot(s, e_m, e_r, neb)
     out.files["neb_profiles.csv"] = _csv(

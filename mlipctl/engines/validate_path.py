@@ -3,8 +3,9 @@
 * :func:`migration_path` runs a climbing-image NEB (the batched jitted band for models, ASE's NEB
   for any other calculator) between relaxed end points.
 * :func:`profile_rms` compares two energy profiles on the normalised reaction coordinate
-  s ∈ [0, 1] (each NEB's tangent-force spline interpolated onto a common grid), so a model with
-  the right barrier but the wrong shape (a shoulder, an intermediate minimum) is caught.
+  s ∈ [0, 1] (each NEB's tangent-force spline interpolated onto a common grid), absolutely and
+  each divided by its own barrier, so a model with the right barrier but the wrong shape (a
+  shoulder, an intermediate minimum) is caught.
 * :func:`path_smoothness` evaluates a calculator on a dense cubic-spline interpolation of a
   converged band and checks that the energy and the forces belong together (finite-difference
   dE/ds against −F·τ) and have no jumps (largest second difference against the median one).
@@ -65,17 +66,38 @@ def normalised_profile(res: NEBResult) -> tuple[np.ndarray, np.ndarray]:
     return x / x[-1], np.asarray(res.spline_energy, dtype=np.float64)
 
 
-def profile_rms(a: NEBResult, b: NEBResult, n: int = 201) -> tuple[float, np.ndarray, Any, Any]:
-    """RMS difference (eV) of two energy profiles on a common normalised coordinate.
+@dataclass
+class ProfileComparison:
+    """Two energy profiles on a common normalised coordinate.
 
-    Returns:
-        (rms, s (n,), energies of ``a`` (n,), energies of ``b`` (n,)).
+    Attributes:
+        rms: RMS difference of the profiles, eV.
+        shape_rms: RMS difference of the profiles each divided by its own barrier (None when a
+            barrier is below 1 meV: a flat profile has no shape to compare).
+        s: common coordinate in [0, 1], shape (n,).
+        energy_a, energy_b: E − E_initial of each profile on ``s``, eV, shape (n,).
+    """
+
+    rms: float
+    shape_rms: float | None
+    s: np.ndarray
+    energy_a: np.ndarray
+    energy_b: np.ndarray
+
+
+def profile_rms(a: NEBResult, b: NEBResult, n: int = 201) -> ProfileComparison:
+    """Compare two NEB energy profiles: absolute RMS, and shape apart from height.
+
+    The shape judges every barrier height alike; the absolute RMS repeats the barrier error and
+    is as many times stricter as a barrier is higher.
     """
     s = np.linspace(0.0, 1.0, n)
     sa, ea = normalised_profile(a)
     sb, eb = normalised_profile(b)
     ia, ib = np.interp(s, sa, ea), np.interp(s, sb, eb)
-    return float(np.sqrt(np.mean((ia - ib) ** 2))), s, ia, ib
+    ha, hb = float(a.barrier_forward), float(b.barrier_forward)
+    shape = float(np.sqrt(np.mean((ia / ha - ib / hb) ** 2))) if min(ha, hb) > 1e-3 else None
+    return ProfileComparison(float(np.sqrt(np.mean((ia - ib) ** 2))), shape, s, ia, ib)
 
 
 # --------------------------------------------------------------------------------------------
