@@ -54,7 +54,7 @@ TINY_COUNTS = {
     "bulk_strain": 2,
     "bulk_rattle": 4,
     "vacancy": 2,  # one rattled, one relaxed NEB end point
-    "vacancy_hop": 3,
+    "vacancy_hop": 15,  # 3 images, each with 4 rattled copies
     "interstitial": 4,
     "surface": 2,
     "md": 4,
@@ -122,14 +122,14 @@ def test_default_config_counts_and_sizes():
         "bulk_strain": 16,
         "bulk_rattle": 32,
         "vacancy": 11,  # 8 rattled + 3 relaxed hop starts
-        "vacancy_hop": 15,
+        "vacancy_hop": 75,  # 3 hops × 5 images × (1 + 4 rattled copies)
         "interstitial": 12,
         "surface": 9,
         "md": 40,
         "liquid": 3,
         "amorphous": 5,
     }
-    assert sum(counts.values()) == 152
+    assert sum(counts.values()) == 212
     assert all(31 <= n <= 109 for v in got.values() for n in v)
     assert set(got["md"]) == {108} and set(got["vacancy_hop"]) == {31}
 
@@ -259,7 +259,9 @@ def test_vacancy_hop_band_is_the_reference_minimum_energy_path():
     """hop_path neb: relaxed end point plus converged CI-NEB images of the reference (EMT)."""
     from ase.calculators.emt import EMT
 
-    cfg = _only("vacancy", {"min_atoms": 32, "n_rattled": 0, "n_hops": 1, "hop_images": 5})
+    cfg = _only(
+        "vacancy", {"min_atoms": 32, "n_rattled": 0, "n_hops": 1, "hop_images": 5, "hop_rattled": 0}
+    )
     frames = generate_structures(cfg)
     types = [a.info["config_type"] for a in frames]
     assert types == ["vacancy"] + ["vacancy_hop"] * 5
@@ -274,6 +276,23 @@ def test_vacancy_hop_band_is_the_reference_minimum_energy_path():
     # EMT's Cu barrier is 0.79 eV in large cells; a 31-atom cell and fmax 0.05 shift it a little.
     assert 0.6 < barrier < 0.9
     assert int(np.argmax(energies)) == 3  # the climbing image sits in the middle of 5
+
+
+def test_hop_images_come_with_rattled_copies():
+    cfg = _only(
+        "vacancy",
+        {"n_rattled": 0, "n_hops": 1, "hop_images": 3, "hop_rattled": 2, "rattle": 0.04},
+    )
+    frames = generate_structures(cfg)
+    hops = [a for a in frames if a.info["config_type"] == "vacancy_hop"]
+    assert [_prov(a)["neb_image"] for a in hops] == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+    for k in range(3):
+        image, copies = hops[3 * k], hops[3 * k + 1 : 3 * k + 3]
+        assert "rattle" not in _prov(image)
+        for c in copies:
+            d = c.positions - image.positions
+            assert _prov(c)["rattle"] == 0.04 and abs(d.std() - 0.04) < 0.012
+        assert np.abs(copies[0].positions - copies[1].positions).max() > 0.01
 
 
 def test_interstitial_sites_have_the_right_geometry():

@@ -96,3 +96,13 @@ def test_full_quickstart_passes_its_vacancy_validation(tmp_path):
     failed = [(c.name, c.value) for c in report.criteria if not c.passed]
     assert report.passed, failed
     assert report.results["validate"]["vacancy.formation_abs_error"] <= 0.05
+
+
+def test_cutoff_follows_the_neighbour_shells():
+    """Cu keeps 5 Å; Al's longer bonds get a longer cutoff (its third shell sits at 4.96 Å)."""
+    assert Q.default_cutoff("Cu") == 5.0
+    assert Q.default_cutoff("Al") == pytest.approx(5.6)
+    fit = Q.step_configs(QuickstartConfig(element="Al"))["fit"]
+    assert fit["model"]["architecture"]["cutoff"] == pytest.approx(5.6)
+    fit = Q.step_configs(QuickstartConfig(element="Al", cutoff=4.5))["fit"]
+    assert fit["model"]["architecture"]["cutoff"] == 4.5

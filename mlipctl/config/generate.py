@@ -173,6 +173,13 @@ class VacancyConfig(StrictModel):
         "reference NEB per hop: cheap with EMT, costly with DFT); linear: rattled snapshots "
         "on the straight line between unrelaxed end points.",
     )
+    hop_rattled: int = Field(
+        default=4,
+        ge=0,
+        description="Rattled copies (std `rattle`) of every hop image. The images alone are "
+        "points on one path; near the saddle a model fitted to them alone can be right on "
+        "those points and off by 0.1 eV/Å on the hopping atom a little away from them.",
+    )
     rattle: float = Field(default=0.04, ge=0, description="Displacement std, Å.")
 
 

@@ -26,6 +26,12 @@ class QuickstartConfig(StrictModel):
         description="full: the real job (about 10 minutes on 2 cores); ci: a reduced smoke run "
         "of every step (a few minutes), whose verdict is not meaningful.",
     )
+    cutoff: float | None = Field(
+        default=None,
+        gt=0,
+        description="Model cutoff in Å. None: 5 Å scaled by the element's nearest-neighbour "
+        "distance relative to Cu's, so every element's model sees the same neighbour shells.",
+    )
     ensemble_size: int = Field(default=3, ge=2, le=8, description="Deep-ensemble members.")
     max_epochs: int | None = Field(
         default=None, ge=1, description="Training epochs (None: the scale's default)."

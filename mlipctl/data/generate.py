@@ -429,6 +429,11 @@ def gen_vacancy(cfg: VacancyConfig, ctx: _Context) -> list[Atoms]:
             for k, atoms in enumerate(images[1:-1], start=1):
                 prov = {**base, "neb_image": k, "neb_steps": steps}
                 out.append(_tag(atoms, "vacancy_hop", "vacancy", prov, ctx))
+                for _ in range(cfg.hop_rattled):
+                    rattled = _rattle(atoms, cfg.rattle, ctx)
+                    out.append(
+                        _tag(rattled, "vacancy_hop", "vacancy", {**prov, "rattle": cfg.rattle}, ctx)
+                    )
         else:
             for t in np.linspace(0.0, 1.0, cfg.hop_images + 2)[1:-1]:
                 atoms = initial.copy()

@@ -20,7 +20,7 @@ from mlipctl.reports.base import Criterion, Environment, Report
 _CI_GENERATE = {
     "strain": {"n_volumes": 5, "n_shears": 4},
     "rattle": {"amplitudes": [0.05, 0.1], "n_per_amplitude": 3},
-    "vacancy": {"n_rattled": 2, "n_hops": 1, "hop_images": 3},
+    "vacancy": {"n_rattled": 2, "n_hops": 1, "hop_images": 3, "hop_rattled": 1},
     "interstitial": {"n_per_site": 1, "relax_steps": 10},
     "surface": {"n_per_surface": 1},
     "md": {
@@ -37,6 +37,26 @@ _CI_GENERATE = {
         "n_quench_snapshots": 2,
     },
 }
+
+
+# Cu's 5 Å reaches just past its third neighbour shell, as EMT's range does.
+_CUTOFF_CU = 5.0
+
+
+def default_cutoff(element: str) -> float:
+    """5 Å scaled by the nearest-neighbour distance relative to Cu's, rounded to 0.1 Å.
+
+    A fixed 5 Å would put Al's third shell (4.96 Å) at the cutoff, where the model sees almost
+    nothing of it, while EMT's Al interacts out to ~5.4 Å.
+    """
+    return round(_CUTOFF_CU * _nn_distance(element) / _nn_distance("Cu"), 1)
+
+
+def _nn_distance(element: str) -> float:
+    from mlipctl.data.crystals import nearest_neighbor_distance, reference_structure, unit_cell
+
+    structure, a = reference_structure(element)
+    return nearest_neighbor_distance(unit_cell(element, structure, a))
 
 
 def step_configs(cfg: QuickstartConfig) -> dict[str, dict[str, Any]]:
@@ -76,7 +96,7 @@ def step_configs(cfg: QuickstartConfig) -> dict[str, dict[str, Any]]:
             },
         },
         "model": {
-            "architecture": {"kind": "moment", "cutoff": 5.0},
+            "architecture": {"kind": "moment", "cutoff": cfg.cutoff or default_cutoff(cfg.element)},
             "ensemble": {"kind": "deep", "size": 2 if ci else cfg.ensemble_size},
             # float32 descriptors scatter a member's vacancy energy by ~0.1 eV; float64 by
             # ~0.01 eV, for 1.4x the step time on a CPU (docs/pitfalls.md).
