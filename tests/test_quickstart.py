@@ -106,3 +106,9 @@ def test_cutoff_follows_the_neighbour_shells():
     assert fit["model"]["architecture"]["cutoff"] == pytest.approx(5.6)
     fit = Q.step_configs(QuickstartConfig(element="Al", cutoff=4.5))["fit"]
     assert fit["model"]["architecture"]["cutoff"] == 4.5
+
+
+def test_unknown_element_is_a_config_error():
+    """The default cutoff reads the element's crystal before any step runs: validate it first."""
+    with pytest.raises(ValueError, match="'Xx' is not a chemical element symbol"):
+        QuickstartConfig(element="Xx")

@@ -140,7 +140,7 @@ def test_profile_rms_on_normalised_coordinate():
 
 def test_profile_shape_sees_a_shoulder_not_the_height():
     a = _fake_neb(lambda s: np.sin(np.pi * s) ** 2)
-    # Same barrier at the same place, with a shoulder on the way up.
+    # A shoulder on the way up (it lifts the top by 12.5 % too; the shape divides that out).
     b = _fake_neb(lambda s: np.sin(np.pi * s) ** 2 + 0.5 * np.sin(2 * np.pi * s) ** 2 * (s < 0.5))
     assert profile_rms(a, b).shape_rms > 0.1
     flat = _fake_neb(lambda s: 0.0 * s)

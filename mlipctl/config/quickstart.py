@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from mlipctl.config.base import StrictModel
 from mlipctl.config.reference import ReferenceConfig, default_reference
@@ -41,3 +41,10 @@ class QuickstartConfig(StrictModel):
     )
     seed: int = Field(default=0, ge=0, description="Seed of generation, splits and training.")
     output: str = Field(default="quickstart", description="Output directory (one folder a step).")
+
+    @field_validator("element")
+    @classmethod
+    def _element_known(cls, value: str) -> str:
+        from mlipctl.config.elements import check_symbol
+
+        return check_symbol(value)

@@ -417,8 +417,8 @@ def gen_vacancy(cfg: VacancyConfig, ctx: _Context) -> list[Atoms]:
         out.append(_tag(atoms, "vacancy", "vacancy", prov, ctx))
         ctx.tick(1)
     hop_sizes = cfg.hop_min_atoms or [cfg.min_atoms]
-    for k in range(cfg.n_hops):
-        hop_host, hop_reps = _supercell(ctx.system, hop_sizes[k % len(hop_sizes)])
+    for i_hop in range(cfg.n_hops):
+        hop_host, hop_reps = _supercell(ctx.system, hop_sizes[i_hop % len(hop_sizes)])
         site = int(ctx.rng.integers(len(hop_host)))
         initial, final, hop = vacancy_hop(hop_host, site)
         base = {"site": site, "hop_atom": hop, "reps": hop_reps}
