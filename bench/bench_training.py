@@ -24,6 +24,7 @@ from mlipctl.data.batching import BatchLoader
 from mlipctl.data.dataset import load_dataset
 from mlipctl.data.offsets import reference_energies
 from mlipctl.model.potential import ModelSpec, init_params
+from mlipctl.training.loss import LossSettings
 from mlipctl.training.trainer import TrainState, energy_normalisation, make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +70,7 @@ def main() -> None:
     tx, step_fn = make_train_step(spec, tcfg)
     state = TrainState(params, params, tx.init(params))
     step_jit = jax.jit(step_fn)
+    weights = LossSettings.from_config(tcfg.loss).weights()
     compiled = {}
     t_compile = 0.0
     for idx in loader.index_batches(0):
@@ -77,7 +79,9 @@ def main() -> None:
             continue
         g, t = loader.make_batch(idx)
         tc = time.perf_counter()
-        compiled[shape] = step_jit.lower(state, g, t, np.float64(1e-3), np.int64(0)).compile()
+        compiled[shape] = step_jit.lower(
+            state, g, t, np.float64(1e-3), np.int64(0), weights
+        ).compile()
         t_compile += time.perf_counter() - tc
     for e in range(args.epochs):  # later epochs may hit a shape epoch 0 did not
         for idx in loader.index_batches(e):
@@ -86,7 +90,7 @@ def main() -> None:
                 g, t = loader.make_batch(idx)
                 tc = time.perf_counter()
                 compiled[shape] = step_jit.lower(
-                    state, g, t, np.float64(1e-3), np.int64(0)
+                    state, g, t, np.float64(1e-3), np.int64(0), weights
                 ).compile()
                 t_compile += time.perf_counter() - tc
 
@@ -100,7 +104,7 @@ def main() -> None:
             batch_times.append(time.perf_counter() - tb)
             ts = time.perf_counter()
             state, parts = compiled[loader.shape_for(idx)](
-                state, g, t, np.float64(1e-3), np.int64(step)
+                state, g, t, np.float64(1e-3), np.int64(step), weights
             )
             np.asarray(parts)
             step_times.append(time.perf_counter() - ts)

@@ -357,3 +357,42 @@ def test_resume_after_kill_minus_9_of_a_real_process(emt_data, tmp_path):
     a, b = full.metrics["test"]["overall"], resumed.metrics["test"]["overall"]
     for key in ("energy_mae", "forces_mae", "stress_rmse"):
         assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), key
+
+
+def test_stage_two_switches_the_weights_and_the_best_model_comes_from_it(emt_data, tmp_path):
+    two = {"start_fraction": 0.5, "energy_weight": 40.0, "forces_weight": 0.5}
+    kw = {
+        "max_epochs": 6,
+        "stage_two": two,
+        # Nothing counts as an improvement after a stage's first validation.
+        "early_stopping": {"patience": 100, "min_delta": 1e9},
+        "checkpoint": {"every_epochs": 2, "every_seconds": None},
+    }
+    cfg = _cfg(emt_data, tmp_path / "full", **kw)
+    assert cfg.training.stage_two_epoch() == 3
+    full = run_fit(cfg, progress=False)
+    assert [r["loss_stage"] for r in full.history] == [1, 1, 1, 2, 2, 2]
+    for row in full.history:
+        we, wf = (1.0, 1.0) if row["loss_stage"] == 1 else (40.0, 0.5)
+        expect = we * row["train_energy_loss"] + wf * row["train_forces_loss"]
+        assert row["train_loss"] == pytest.approx(expect, rel=1e-9)
+    # The stage-one best (epoch 1) is dropped: losses with other weights do not compare.
+    assert full.best_epoch == 4
+    with (tmp_path / "full" / "metrics.csv").open() as fh:
+        assert [r["loss_stage"] for r in csv.DictReader(fh)] == ["1"] * 3 + ["2"] * 3
+
+    # Interrupted in stage two with the last checkpoint in stage one: the resume crosses the
+    # switch again and ends like the uninterrupted fit.
+    cut = _cfg(emt_data, tmp_path / "cut", **kw)
+    with pytest.raises(_Interrupt):
+        run_fit(cut, progress=False, on_epoch_end=_stop_after(5))
+    resumed = run_fit(cut, resume=True, progress=False)
+    assert resumed.best_epoch == 4
+    a, b = full.metrics["valid"]["overall"], resumed.metrics["valid"]["overall"]
+    for key in ("energy_mae", "forces_mae"):
+        assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), key
+
+
+def test_stage_two_stress_needs_stress_in_the_whole_fit(emt_data, tmp_path):
+    with pytest.raises(UserInputError, match="stage_two.stress_weight"):
+        _cfg(emt_data, tmp_path, stage_two={"energy_weight": 10.0, "stress_weight": 1.0})

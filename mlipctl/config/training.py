@@ -163,6 +163,27 @@ class HuberLoss(_LossWeights):
 
 LossConfig = Annotated[MSELoss | HuberLoss, Field(discriminator="kind")]
 
+
+class StageTwoConfig(_LossWeights):
+    """The last part of the fit with other loss weights (MACE calls it stage two).
+
+    While the learning rate is high the energy term dominates; as the fit converges the energy
+    loss falls by orders of magnitude more than the force loss, so with fixed weights the forces
+    end up deciding the last, low-learning-rate epochs, the ones that set meV/atom energy
+    differences such as a vacancy formation energy. Raising the energy weight for those epochs
+    restores the balance. The validation loss switches to these weights as well, and the best
+    model is chosen among stage-two epochs.
+    """
+
+    start_fraction: float = Field(
+        default=0.75,
+        gt=0,
+        lt=1,
+        description="Fraction of max_epochs after which these weights apply (rounded to an "
+        "epoch, at least 1).",
+    )
+
+
 # --- stopping and checkpoints ---------------------------------------------------------------
 
 Metric = Literal[
@@ -219,6 +240,10 @@ class TrainingConfig(StrictModel):
         default_factory=CosineSchedule, description="Learning-rate schedule."
     )
     loss: LossConfig = Field(default_factory=MSELoss, description="Loss function and weights.")
+    stage_two: StageTwoConfig | None = Field(
+        default=None,
+        description="Loss weights for the last epochs (None: the same weights throughout).",
+    )
     max_epochs: int = Field(
         default=100, ge=1, description="Passes over the training split (fewer if stopped early)."
     )
@@ -288,8 +313,20 @@ class TrainingConfig(StrictModel):
                 f"schedule.warmup_epochs ({sched.warmup_epochs}) must be smaller than max_epochs "
                 f"({self.max_epochs})"
             )
+        two = self.stage_two
+        if two is not None and two.stress_weight > 0 and self.loss.stress_weight == 0:
+            raise ValueError(
+                "stage_two.stress_weight > 0 needs loss.stress_weight > 0 (stress labels are "
+                "checked, and stress computed, for the whole fit)"
+            )
         if self.metric.startswith("stress") and self.loss.stress_weight == 0:
             raise ValueError(
                 f"metric {self.metric!r} needs stress in the loss (loss.stress_weight > 0)"
             )
         return self
+
+    def stage_two_epoch(self) -> int | None:
+        """The first epoch (0-based) trained with ``stage_two``'s weights, or None."""
+        if self.stage_two is None:
+            return None
+        return max(1, round(self.stage_two.start_fraction * self.max_epochs))

@@ -53,6 +53,10 @@ class LossSettings:
             delta=float(getattr(cfg, "delta", 0.01)),
         )
 
+    def weights(self) -> np.ndarray:
+        """(3,) energy, forces and stress weights, to pass a jitted step as data."""
+        return np.array([self.energy_weight, self.forces_weight, self.stress_weight])
+
 
 class LossParts(NamedTuple):
     """Per-member loss terms, each (K,): weighted total and the unweighted terms."""
@@ -95,6 +99,7 @@ def batch_loss(
     graph: AtomsGraph,
     targets: Targets,
     settings: LossSettings,
+    weights: jax.Array | None = None,
 ) -> LossParts:
     """Weighted loss of each ensemble member on one padded batch.
 
@@ -104,6 +109,8 @@ def batch_loss(
         stress: (K, B, 3, 3) predicted stress, eV/Å³ (ASE sign), or None if not computed.
         graph, targets: the batch.
         settings: weights and loss kind.
+        weights: (3,) energy, forces and stress weights replacing ``settings``' (traced, so a
+            change of weights during a fit does not recompile the step).
 
     Returns:
         :class:`LossParts`, each (K,). Members do not interact, so the gradient of
@@ -130,9 +137,8 @@ def batch_loss(
         s_term = jnp.sum(_rho(s_err, kind, delta), axis=(2, 3))  # (K, B)
         l_s = _safe_div(jnp.sum(w_s[None] * s_term, axis=1), 9.0 * jnp.sum(n_s))
 
-    total = (
-        settings.energy_weight * l_e + settings.forces_weight * l_f + settings.stress_weight * l_s
-    )
+    w = settings.weights() if weights is None else weights
+    total = w[0] * l_e + w[1] * l_f + w[2] * l_s
     return LossParts(total=total, energy=l_e, forces=l_f, stress=l_s)
 
 

@@ -19,6 +19,7 @@ CSV_COLUMNS = (
     "step",
     "wall_s",
     "learning_rate",
+    "loss_stage",
     "train_loss",
     "train_energy_loss",
     "train_forces_loss",
@@ -31,7 +32,8 @@ CSV_COLUMNS = (
     "valid_stress_mae",
     "valid_stress_rmse",
 )
-"""Energies in meV/atom, forces in eV/Å, stress in GPa; losses in training units (see loss.py)."""
+"""Energies in meV/atom, forces in eV/Å, stress in GPa; losses in training units (see loss.py).
+``loss_stage`` is 2 for epochs trained with ``training.stage_two``'s weights."""
 
 
 def _fmt(v: Any) -> str:

@@ -22,7 +22,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -249,8 +249,9 @@ def make_train_step(
 ) -> tuple[Any, Callable[[TrainState, Any, Any, Any, Any], tuple[TrainState, jax.Array]]]:
     """The optimiser and the (not yet jitted) train step of a :class:`TrainingConfig`.
 
-    ``step(state, graph, targets, lr, step_index) -> (state, parts)`` with ``parts`` (4, K): the
-    total, energy, forces and stress loss terms of each member before the update.
+    ``step(state, graph, targets, lr, step_index, weights) -> (state, parts)`` with ``weights``
+    (3,) the energy, forces and stress loss weights and ``parts`` (4, K): the total, energy,
+    forces and stress loss terms of each member before the update.
     """
     settings = LossSettings.from_config(tcfg.loss)
     predict_train = make_predict(spec, stress=settings.stress_weight > 0)
@@ -263,11 +264,18 @@ def make_train_step(
     freeze = bool(getattr(tcfg, "freeze_feature_scaling", True))
 
     def step_fn(
-        st: TrainState, graph: Any, targets: Any, lr: jax.Array, step: jax.Array
+        st: TrainState,
+        graph: Any,
+        targets: Any,
+        lr: jax.Array,
+        step: jax.Array,
+        weights: jax.Array,
     ) -> tuple[TrainState, jax.Array]:
         def loss_fn(p: Any) -> tuple[jax.Array, Any]:
             pred = predict_train(p, graph)
-            parts = batch_loss(pred.energy, pred.forces, pred.stress, graph, targets, settings)
+            parts = batch_loss(
+                pred.energy, pred.forces, pred.stress, graph, targets, settings, weights
+            )
             # Sum over members: each deep member's gradient is its own loss's gradient.
             return jnp.sum(parts.total), parts
 
@@ -434,6 +442,16 @@ def run_fit(
 
     # --- model, optimiser, compiled functions ---------------------------------------------------
     settings = LossSettings.from_config(tcfg.loss)
+    two_epoch = tcfg.stage_two_epoch()
+    settings_two = settings
+    if tcfg.stage_two is not None:
+        two = tcfg.stage_two
+        settings_two = replace(
+            settings,
+            energy_weight=two.energy_weight,
+            forces_weight=two.forces_weight,
+            stress_weight=two.stress_weight,
+        )
     any_stress = any(s.stress is not None for s in data.train + data.valid + data.test)
     predict_eval = make_predict(spec, stress=any_stress)
     params = init_params(spec, tcfg.seed)
@@ -459,7 +477,9 @@ def run_fit(
         fn = compiled_steps.get(shape)
         if fn is None:
             tc = time.perf_counter()
-            fn = step_jit.lower(st, graph, targets, np.float64(0.0), np.int64(0)).compile()
+            fn = step_jit.lower(
+                st, graph, targets, np.float64(0.0), np.int64(0), settings.weights()
+            ).compile()
             timings["compile_train_step"] += time.perf_counter() - tc
             compiled_steps[shape] = fn
         return fn
@@ -501,6 +521,7 @@ def run_fit(
     plateau = PlateauState()
     best_value, best_epoch, bad = math.inf, None, 0
     best_params: Any = None
+    best_stage = 1  # the loss stage best_value was measured in
     history: list[dict[str, Any]] = []
     finished, stopped_early = False, False
     wall_before = 0.0
@@ -525,6 +546,7 @@ def run_fit(
         best_value = float(t["best_value"])
         best_epoch = None if int(t["best_epoch"]) < 0 else int(t["best_epoch"])
         bad = int(t["bad"])
+        best_stage = int(t.get("best_stage", 1))
         finished, stopped_early = bool(t["finished"]), bool(t["stopped_early"])
         wall_before = float(t["wall_s"])
         history = json.loads(ckpt["history"])
@@ -562,6 +584,7 @@ def run_fit(
                 "best_value": best_value,
                 "best_epoch": -1 if best_epoch is None else best_epoch,
                 "bad": bad,
+                "best_stage": best_stage,
                 "finished": finished_now,
                 "stopped_early": stopped_early,
                 "wall_s": wall_before + time.perf_counter() - t_session,
@@ -581,6 +604,9 @@ def run_fit(
     try:
         while not finished:
             batches = train_loader.index_batches(epoch)
+            stage = 2 if two_epoch is not None and epoch >= two_epoch else 1
+            loss_now = settings_two if stage == 2 else settings
+            weights = loss_now.weights()
             lr = 0.0
             for b in range(batch_in_epoch, len(batches)):
                 if step >= total_steps:
@@ -596,7 +622,7 @@ def run_fit(
                 )
                 fn = step_for(state, graph, targets)
                 ts = time.perf_counter()
-                state, parts = fn(state, graph, targets, np.float64(lr), np.int64(step))
+                state, parts = fn(state, graph, targets, np.float64(lr), np.int64(step), weights)
                 parts = np.asarray(parts)  # blocks: the step time is real
                 step_times.append(time.perf_counter() - ts)
                 if not np.all(np.isfinite(parts)):
@@ -627,6 +653,7 @@ def run_fit(
                 "step": step,
                 "wall_s": wall_before + time.perf_counter() - t_session,
                 "learning_rate": lr,
+                "loss_stage": stage,
             }
             if partial_n:
                 means = partial / partial_n
@@ -642,10 +669,15 @@ def run_fit(
             if has_valid and (epoch % tcfg.validation_interval == 0 or last):
                 tv, cv = time.perf_counter(), timings["compile_eval"]
                 vm = evaluate(eval_params, "valid")["overall"]
+                if stage != best_stage:
+                    # A loss with other weights is another scale: choose the best model, and
+                    # count patience, among the new stage's epochs only.
+                    best_value, bad, best_stage = math.inf, 0, stage
+                    plateau = replace(plateau, best=math.inf, bad=0)
                 # Compilation is reported on its own, not as validation time.
                 timings["validation"] += time.perf_counter() - tv - (timings["compile_eval"] - cv)
-                value = metric_value(tcfg.metric, vm, settings)
-                row.update(valid_loss=metric_value("loss", vm, settings))
+                value = metric_value(tcfg.metric, vm, loss_now)
+                row.update(valid_loss=metric_value("loss", vm, loss_now))
                 for key in (
                     "energy_mae",
                     "energy_rmse",
