@@ -113,6 +113,20 @@ def test_no_stress_without_full_periodicity(potential):
             atoms.get_stress()
 
 
+def test_stress_is_computed_once_asked_for(potential):
+    """MD and NEB never ask for stress: it is skipped until a caller does, then kept."""
+    atoms = _cell(3)
+    atoms.calc = potential.calculator()
+    forces = atoms.get_forces()
+    assert "stress" not in atoms.calc.results
+    stress = atoms.get_stress()
+    np.testing.assert_allclose(atoms.calc.results["forces"], forces, atol=1e-12)
+    atoms.positions[0] += 0.05
+    atoms.get_forces()  # a cell filter asks for forces, then stress: one evaluation
+    assert "stress" in atoms.calc.results
+    assert not np.allclose(atoms.calc.results["stress"], stress)
+
+
 def test_same_size_structure_does_not_recompile(potential):
     calc = potential.calculator()
     first = _cell(5)
