@@ -246,7 +246,7 @@ def _n_params(params: Any) -> int:
 
 def make_train_step(
     spec: ModelSpec, tcfg: Any
-) -> tuple[Any, Callable[[TrainState, Any, Any, Any, Any], tuple[TrainState, jax.Array]]]:
+) -> tuple[Any, Callable[[TrainState, Any, Any, Any, Any, Any], tuple[TrainState, jax.Array]]]:
     """The optimiser and the (not yet jitted) train step of a :class:`TrainingConfig`.
 
     ``step(state, graph, targets, lr, step_index, weights) -> (state, parts)`` with ``weights``
