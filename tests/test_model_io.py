@@ -154,6 +154,23 @@ def test_missing_parameter(saved):
         load_potential(saved)
 
 
+def test_file_from_before_the_linear_readout_loads_without_it(potential, saved):
+    """Files written before ``linear_readout`` existed have neither the key nor the parameters."""
+
+    def edit(header, params):
+        del header["spec"]["config"]["architecture"]["linear_readout"]
+        params["params"]["readout"].pop("linear")
+
+    _rewrite(saved, edit)
+    old = load_potential(saved)
+    assert old.spec.config.architecture.linear_readout is False
+    assert "linear" not in old.params["params"]["readout"]
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    # With its zero-initialised linear term the fresh potential predicts what the old one does.
+    ref = potential.calculator().get_potential_energy(atoms.copy())
+    assert old.calculator().get_potential_energy(atoms.copy()) == pytest.approx(ref, rel=1e-6)
+
+
 def test_header_without_spec(saved):
     def edit(header, _):
         del header["spec"]

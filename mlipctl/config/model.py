@@ -59,6 +59,12 @@ class MomentModelConfig(StrictModel):
         default="silu",
         description="Activation of the readout MLP (smooth, so forces are continuous).",
     )
+    linear_readout: bool = Field(
+        default=True,
+        description="Add a linear term w_z . x of the standardised descriptor to each element's "
+        "MLP output. It lets the readout extrapolate linearly where descriptors lie far outside "
+        "the bulk-dominated training distribution (surface atoms), which an MLP alone fits badly.",
+    )
     avg_num_neighbors: float = Field(
         default=30.0,
         gt=0,

@@ -14,7 +14,7 @@ Per directed edge i -> j with vector r_ij (length r, direction u = r_ij / r):
    contractions M1.M2.M1, tr(M2 M2 M2), M1.M3:M2 and (M3:M3):M2 over channel triples.
 5. Per-element affine standardisation of the invariants (set from data by
    ``fit_feature_scaling``), then a per-element MLP -> ``n_out`` numbers per atom (1, or the K
-   heads of a shallow ensemble).
+   heads of a shallow ensemble), plus (``linear_readout``) a per-element linear term.
 
 Shapes: E edges, N atoms, C = n_radial channels, F = :func:`n_features`.
 """
@@ -264,6 +264,7 @@ class ElementMLP(nn.Module):
     n_out: int
     activation: str
     dtype: Any
+    linear: bool = False
 
     @nn.compact
     def __call__(self, x: Array, species: Array) -> Array:
@@ -273,6 +274,12 @@ class ElementMLP(nn.Module):
         onehot = None
         if self.n_species > 1:
             onehot = (species[:, None] == jnp.arange(self.n_species)).astype(self.dtype)
+
+        def per_element(h: Array, w: Array) -> Array:
+            if onehot is None:
+                return h @ w[0]
+            return jnp.einsum("nso,ns->no", jnp.einsum("nf,sfo->nso", h, w), onehot)
+
         h = x
         for layer, width in enumerate(widths):
             w = self.param(
@@ -281,13 +288,18 @@ class ElementMLP(nn.Module):
             b = self.param(
                 f"bias_{layer}", nn.initializers.zeros, (self.n_species, width), self.dtype
             )
-            if onehot is None:
-                h = h @ w[0] + b[0]
-            else:
-                h = jnp.einsum("nf,sfo->nso", h, w) + b[None]
-                h = jnp.einsum("nso,ns->no", h, onehot)
+            h = per_element(h, w) + (b[0] if onehot is None else onehot @ b)
             if layer < len(widths) - 1:
                 h = act(h)
+        if self.linear:
+            # Zero-initialised, so training starts from the plain MLP.
+            w = self.param(
+                "linear",
+                nn.initializers.zeros,
+                (self.n_species, x.shape[-1], self.n_out),
+                self.dtype,
+            )
+            h = h + per_element(x, w)
         return h
 
 
@@ -326,6 +338,7 @@ class MomentModel(nn.Module):
             n_out=self.n_out,
             activation=cfg.activation,
             dtype=self.dtype,
+            linear=cfg.linear_readout,
         )
 
     def raw_descriptor(

@@ -116,8 +116,13 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelSpec:
         """Inverse of :meth:`to_dict`; raises pydantic ``ValidationError`` on a bad config."""
+        config = dict(data["config"])
+        arch = config.get("architecture")
+        if isinstance(arch, Mapping) and arch.get("kind") == "moment":
+            # Files written before the linear readout existed have no such parameters.
+            config["architecture"] = {"linear_readout": False, **arch}
         return cls(
-            config=ModelConfig.model_validate(data["config"]),
+            config=ModelConfig.model_validate(config),
             species=tuple(data["species"]),
             offsets=tuple(float(x) for x in data["offsets"]),
             energy_shift=float(data.get("energy_shift", 0.0)),
