@@ -60,6 +60,10 @@ def model():
     params = init_params(spec, 3)
     graphs = [_graph(spec, [s]) for s in (_bulk_cuni(), _cluster())]
     params = fit_feature_scaling(spec, params, graphs)
+    # The linear readout starts at zero; give it weights so every test here exercises it too.
+    lin = params["params"]["readout"]["linear"]
+    noise = 0.1 * np.random.default_rng(5).standard_normal(lin.shape)
+    params["params"]["readout"]["linear"] = jnp.asarray(noise, lin.dtype)
     energy = jax.jit(make_energy(spec))
     predict = jax.jit(make_predict(spec, stress=True))
     return spec, params, energy, predict
