@@ -131,14 +131,21 @@ def test_cell_list_gives_the_host_edge_set(case):
     occ = count_bin_occupancy(atoms.positions, atoms.cell[:], dims)
     i, j, s = neighbor_pairs(atoms, r)
     cap = len(i) + 100
-    nl, stats = jax.jit(build_cell_list, static_argnums=(2, 3, 4, 5))(
-        atoms.positions, atoms.cell[:], r, dims, occ, cap
+    k = int(np.bincount(i).max())
+    nl, stats = jax.jit(build_cell_list, static_argnums=(2, 3, 4, 5, 6))(
+        atoms.positions, atoms.cell[:], r, dims, occ, cap, k + 3
     )
-    assert not bool(overflowed(stats, occ, cap))
+    assert not bool(overflowed(stats, occ, cap, k + 3))
     assert int(stats.n_edges) == len(i)
+    assert int(stats.max_neighbors) == k
     got = _edge_set(nl.senders, nl.receivers, nl.shifts, nl.mask)
     want = _edge_set(i, j, s, np.ones(len(i), bool))
     assert got == want
+    # The table lists every real edge once, in the row of its sender.
+    table = np.asarray(nl.table)
+    listed = table[table < cap]
+    assert sorted(listed.tolist()) == np.flatnonzero(np.asarray(nl.mask)).tolist()
+    np.testing.assert_array_equal(np.asarray(nl.senders)[listed], np.nonzero(table < cap)[0])
     # Padding edges point 0 -> 0 with zero shift.
     pad = ~np.asarray(nl.mask)
     assert pad.sum() == 100
@@ -152,17 +159,22 @@ def test_cell_list_overflow_reports_what_it_needs():
     dims = plan_bins(atoms.cell[:], atoms.pbc, r)
     occ = count_bin_occupancy(atoms.positions, atoms.cell[:], dims)
     n_pairs = len(neighbor_pairs(atoms, r)[0])
+    k = int(np.bincount(neighbor_pairs(atoms, r)[0]).max())
     # Too few edge slots: flagged, the needed count is exact.
-    _, stats = build_cell_list(atoms.positions, atoms.cell[:], r, dims, occ, 64)
-    assert bool(overflowed(stats, occ, 64))
+    _, stats = build_cell_list(atoms.positions, atoms.cell[:], r, dims, occ, 64, k)
+    assert bool(overflowed(stats, occ, 64, k))
     assert int(stats.n_edges) == n_pairs
     # Too few bin slots: flagged, the needed occupancy is reported.
-    _, stats = build_cell_list(atoms.positions, atoms.cell[:], r, dims, occ - 1, n_pairs)
-    assert bool(overflowed(stats, occ - 1, n_pairs))
+    _, stats = build_cell_list(atoms.positions, atoms.cell[:], r, dims, occ - 1, n_pairs, k)
+    assert bool(overflowed(stats, occ - 1, n_pairs, k))
     assert int(stats.max_bin) == occ
+    # Too few per-atom slots: flagged, the needed count is exact.
+    _, stats = build_cell_list(atoms.positions, atoms.cell[:], r, dims, occ, n_pairs, k - 1)
+    assert bool(overflowed(stats, occ, n_pairs, k - 1))
+    assert int(stats.max_neighbors) == k
     # A cell shrunk below the grid's bin width: grid no longer valid.
     small = atoms.cell[:] * 0.8  # bins 4.81 Å -> 3.85 Å < r
-    _, stats = build_cell_list(atoms.positions * 0.8, small, r, dims, occ, 4 * n_pairs)
+    _, stats = build_cell_list(atoms.positions * 0.8, small, r, dims, occ, 4 * n_pairs, 4 * k)
     assert not bool(stats.bins_ok)
 
 
@@ -177,7 +189,7 @@ def test_plan_bins_falls_back_for_small_or_open_cells():
 def test_needs_rebuild_at_half_skin_and_under_compression():
     atoms = _cu((3, 3, 3))
     cutoff, skin = 3.0, 0.4
-    nl, _ = build_cell_list(atoms.positions, atoms.cell[:], cutoff + skin, (3, 3, 3), 20, 4000)
+    nl, _ = build_cell_list(atoms.positions, atoms.cell[:], cutoff + skin, (3, 3, 3), 20, 4000, 64)
     pos = np.array(atoms.positions)
     cell = np.array(atoms.cell[:])
     for d, expect in [(0.19, False), (0.21, True)]:

@@ -26,7 +26,13 @@ CUTOFF = 4.0
 
 def _spec(dtype: str = "float64") -> ModelSpec:
     arch = MomentModelConfig(
-        cutoff=CUTOFF, n_basis=5, n_radial=3, max_order=3, hidden=(8,), avg_num_neighbors=10.0
+        cutoff=CUTOFF,
+        n_basis=5,
+        n_radial=3,
+        max_order=3,
+        radial_per_order=True,
+        hidden=(8,),
+        avg_num_neighbors=10.0,
     )
     return ModelSpec(
         ModelConfig(architecture=arch, dtype=dtype),

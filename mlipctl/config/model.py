@@ -43,6 +43,12 @@ class MomentModelConfig(StrictModel):
         description="Number of learned radial channels (species-pair-dependent linear "
         "combinations of the basis). The descriptor size grows roughly as n_radial**3.",
     )
+    radial_per_order: bool = Field(
+        default=False,
+        description="Give each moment order (0..max_order) its own n_radial learned radial "
+        "channels, as MTP does, instead of one set shared by all orders. Same descriptor "
+        "size and moment-sum cost; (max_order + 1) x the radial weights.",
+    )
     max_order: int = Field(
         default=3,
         ge=0,

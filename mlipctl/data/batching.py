@@ -21,7 +21,14 @@ from ase.data import atomic_numbers
 
 from mlipctl.data.graph import AtomsGraph, Targets
 from mlipctl.data.io import Labelled
-from mlipctl.data.neighbors import Pairs, bucket, build_graph, neighbor_pairs, species_indices
+from mlipctl.data.neighbors import (
+    Pairs,
+    bucket,
+    build_graph,
+    max_neighbors,
+    neighbor_pairs,
+    species_indices,
+)
 
 Shape = tuple[int, int, int]
 """(atom capacity N, edge capacity E, structure capacity B)."""
@@ -114,6 +121,8 @@ class BatchLoader:
         self.edge_counts = np.array([len(p[0]) for p in self.pairs], dtype=np.int64)
         # Bounds every batch's edges by ratio * atoms, so E can follow N without overflow.
         self.max_edges_per_atom = float((self.edge_counts / self.sizes).max())
+        # One neighbour capacity for the whole dataset: it does not multiply the shapes.
+        self.neighbor_capacity = bucket(max_neighbors(self.pairs), multiple=self.multiple)
         self.atom_floor = math.ceil(self.batch_size * float(self.sizes.mean()))
         self._seen: set[Shape] = set()
 
@@ -165,6 +174,7 @@ class BatchLoader:
             n_atoms=n_cap,
             n_edges=e_cap,
             n_structures=b_cap,
+            n_neighbors=self.neighbor_capacity,
             pairs=[self.pairs[i] for i in indices],
         )
         if bool(graph.overflow):  # cannot happen by construction; never train on a bad graph

@@ -32,9 +32,14 @@ class AtomsGraph(NamedTuple):
         shifts: (E, 3) float, integer cell shifts S so that
             r_ij = positions[j] - positions[i] + S @ cell[structure[i]].
         edge_mask: (E,) bool, True for real edges (padding edges point 0 -> 0 with zero shift).
+        neighbors: (N, K) int32 indices of the edges sent by each atom (senders == n), in any
+            order, padded with E (one past the last edge slot). K is the per-atom neighbour
+            capacity: potentials work on this dense (atom, neighbour) layout, where a neighbour
+            sum is a batched matmul instead of a slow scatter.
         structure_mask: (B,) bool, True for real structures.
         n_atoms: (B,) int32 number of real atoms per structure slot (0 for padding slots).
-        overflow: () bool, True if some structure needed more edges than the capacity E.
+        overflow: () bool, True if some structure needed more edges than the capacity E, or
+            some atom more neighbours than K.
     """
 
     positions: Array
@@ -46,6 +51,7 @@ class AtomsGraph(NamedTuple):
     receivers: Array
     shifts: Array
     edge_mask: Array
+    neighbors: Array
     structure_mask: Array
     n_atoms: Array
     overflow: Array

@@ -7,8 +7,9 @@ Backend: vesin (fast, handles cells smaller than the cutoff, skewed cells, mixed
 checked against ASE in ``tests/test_data_neighbors.py``). ASE and matscipy are kept as selectable
 backends for cross-checks and the benchmark.
 
-Overflow contract of :func:`build_graph`: if the edge capacity is too small, the returned graph has
-``overflow=True`` and *no* real edges (``edge_mask`` all False). A partly filled list would give a
+Overflow contract of :func:`build_graph`: if the edge capacity (or the per-atom neighbour
+capacity) is too small, the returned graph has ``overflow=True`` and *no* real edges
+(``edge_mask`` all False). A partly filled list would give a
 plausible but wrong energy, so nothing is filled; the caller must rebuild with at least
 :func:`count_edges` slots (usually the next :func:`bucket` size).
 """
@@ -190,6 +191,31 @@ def count_edges(pairs: Sequence[Pairs]) -> int:
     return int(sum(len(p[0]) for p in pairs))
 
 
+def max_neighbors(pairs: Sequence[Pairs]) -> int:
+    """Largest number of edges sent by one atom in a list of per-structure pairs."""
+    return max((int(np.bincount(p[0]).max()) for p in pairs if len(p[0])), default=0)
+
+
+def neighbor_table(senders: np.ndarray, edge_mask: np.ndarray, n_atoms: int, k: int) -> np.ndarray:
+    """(N, K) int32 table of the real edges sent by each atom, padded with E = len(senders).
+
+    Args:
+        senders: (E,) centre atom of each edge; edge_mask: (E,) bool real edges;
+        n_atoms: N; k: neighbour capacity K (>= the largest per-atom count).
+    """
+    n_edges = len(senders)
+    real = np.flatnonzero(edge_mask)
+    order = real[np.argsort(senders[real], kind="stable")]
+    counts = np.bincount(senders[real], minlength=n_atoms)
+    if counts.size and counts.max() > k:
+        raise ValueError(f"an atom has {counts.max()} neighbours, capacity is {k}")
+    starts = np.cumsum(counts) - counts
+    rank = np.arange(len(order)) - starts[senders[order]]
+    table = np.full((n_atoms, k), n_edges, dtype=np.int32)
+    table[senders[order], rank] = order
+    return table
+
+
 def species_indices(atoms: Atoms, type_map: Mapping[int, int], *, where: str = "") -> np.ndarray:
     """Map atomic numbers to model species indices, (N,) int32.
 
@@ -218,6 +244,7 @@ def build_graph(
     n_atoms: int | None = None,
     n_edges: int | None = None,
     n_structures: int | None = None,
+    n_neighbors: int | None = None,
     pairs: Sequence[Pairs] | None = None,
 ) -> AtomsGraph:
     """Pack structures into one padded :class:`AtomsGraph` (numpy arrays).
@@ -231,6 +258,8 @@ def build_graph(
             real edges at all (see module docstring); rebuild with >= :func:`count_edges`.
         n_structures: structure capacity B (default: S, plus one padding slot if there are
             padding atoms). Too small -> ValueError.
+        n_neighbors: per-atom neighbour capacity K (default: the largest count, at least 1).
+            Too small -> ``overflow=True`` and no real edges, as for ``n_edges``.
         pairs: precomputed :func:`neighbor_pairs` per structure (e.g. cached across epochs).
 
     Returns:
@@ -262,7 +291,11 @@ def build_graph(
     cap_edges = total_edges if n_edges is None else int(n_edges)
     if cap_edges < 0:
         raise ValueError(f"edge capacity must be >= 0, got {cap_edges}")
-    overflow = cap_edges < total_edges
+    need_neighbors = max_neighbors(pairs)
+    cap_neighbors = max(need_neighbors, 1) if n_neighbors is None else int(n_neighbors)
+    if cap_neighbors < 1:
+        raise ValueError(f"neighbour capacity must be >= 1, got {cap_neighbors}")
+    overflow = cap_edges < total_edges or cap_neighbors < need_neighbors
 
     positions = np.zeros((cap_atoms, 3), dtype=np.float64)
     species = np.zeros(cap_atoms, dtype=np.int32)
@@ -305,6 +338,7 @@ def build_graph(
         receivers=receivers,
         shifts=shifts,
         edge_mask=edge_mask,
+        neighbors=neighbor_table(senders, edge_mask, cap_atoms, cap_neighbors),
         structure_mask=structure_mask,
         n_atoms=n_atoms_arr,
         overflow=np.asarray(overflow, dtype=bool),

@@ -41,6 +41,7 @@ class NeighborList(NamedTuple):
         receivers: (E,) int32 neighbour atom j.
         shifts: (E, 3) float64 integer cell shifts S.
         mask: (E,) bool, True for real edges (padding edges are 0 -> 0, zero shift).
+        table: (N, K) int32 edges sent by each atom, padded with E (``AtomsGraph.neighbors``).
         ref_positions: (N, 3) positions the list was built at.
         ref_cell: (3, 3) cell the list was built at.
     """
@@ -49,6 +50,7 @@ class NeighborList(NamedTuple):
     receivers: Array
     shifts: Array
     mask: Array
+    table: Array
     ref_positions: Array
     ref_cell: Array
 
@@ -59,11 +61,13 @@ class BuildStats(NamedTuple):
     Attributes:
         n_edges: () int, directed edges found (exact unless a bin overflowed).
         max_bin: () int, largest number of atoms in one bin.
+        max_neighbors: () int, largest number of edges sent by one atom.
         bins_ok: () bool, the grid is still valid for the cell (bins at least r_list wide).
     """
 
     n_edges: Array
     max_bin: Array
+    max_neighbors: Array
     bins_ok: Array
 
 
@@ -123,6 +127,7 @@ def build_cell_list(
     dims: tuple[int, int, int],
     cell_capacity: int,
     edge_capacity: int,
+    neighbor_capacity: int,
 ) -> tuple[NeighborList, BuildStats]:
     """Full directed neighbour list within ``r_list`` via a cell list (jit-compatible).
 
@@ -133,10 +138,12 @@ def build_cell_list(
         dims: static bins per axis, each >= 3 (from :func:`plan_bins`).
         cell_capacity: static atom slots per bin.
         edge_capacity: static edge slots E.
+        neighbor_capacity: static slots K per atom in the table.
 
     Returns:
         ``(neighbor_list, stats)``. The list is only valid when ``stats.n_edges <=
-        edge_capacity``, ``stats.max_bin <= cell_capacity`` and ``stats.bins_ok``
+        edge_capacity``, ``stats.max_bin <= cell_capacity``, ``stats.max_neighbors <=
+        neighbor_capacity`` and ``stats.bins_ok``
         (see :func:`overflowed`); otherwise it is incomplete and must be rebuilt larger.
     """
     positions = jnp.asarray(positions, dtype=jnp.float64)
@@ -169,7 +176,7 @@ def build_cell_list(
     r2 = r_list * r_list
 
     def visit(carry, offset):
-        senders, receivers, shifts, count = carry
+        senders, receivers, shifts, count, nbr_table, per_atom = carry
         nb = idx3 + offset
         wrap = jnp.floor_divide(nb, dims_arr)
         nb = nb - wrap * dims_arr
@@ -193,20 +200,41 @@ def build_cell_list(
         senders = senders.at[dest].set(i, mode="drop")
         receivers = receivers.at[dest].set(j, mode="drop")
         shifts = shifts.at[dest].set(s, mode="drop")
-        return (senders, receivers, shifts, count + jnp.sum(flat, dtype=jnp.int32)), None
+        # Each atom's next free table slots, filled in the same order.
+        # Out-of-range slots (not an edge, or past a capacity) are dropped, not wrapped.
+        slot = per_atom[:, None] + jnp.cumsum(valid, axis=1) - 1
+        keep = valid & (dest.reshape(valid.shape) < edge_capacity)
+        slot = jnp.where(keep, slot, neighbor_capacity)
+        nbr_table = nbr_table.at[centre[:, None], slot].set(
+            dest.reshape(valid.shape).astype(jnp.int32), mode="drop"
+        )
+        per_atom = per_atom + jnp.sum(valid, axis=1, dtype=jnp.int32)
+        return (
+            senders,
+            receivers,
+            shifts,
+            count + jnp.sum(flat, dtype=jnp.int32),
+            nbr_table,
+            per_atom,
+        ), None
 
     init = (
         jnp.zeros(edge_capacity, jnp.int32),
         jnp.zeros(edge_capacity, jnp.int32),
         jnp.zeros((edge_capacity, 3), jnp.float64),
         jnp.zeros((), jnp.int32),
+        jnp.full((n, neighbor_capacity), edge_capacity, jnp.int32),
+        jnp.zeros(n, jnp.int32),
     )
-    (senders, receivers, shifts, count), _ = jax.lax.scan(visit, init, jnp.asarray(_STENCIL))
+    (senders, receivers, shifts, count, nbr_table, per_atom), _ = jax.lax.scan(
+        visit, init, jnp.asarray(_STENCIL)
+    )
     mask = jnp.arange(edge_capacity) < count
     widths = perpendicular_widths(cell)
     stats = BuildStats(
         n_edges=count,
         max_bin=jnp.max(counts),
+        max_neighbors=jnp.max(per_atom),
         bins_ok=jnp.all(widths / dims_arr >= r_list),
     )
     nl = NeighborList(
@@ -214,15 +242,23 @@ def build_cell_list(
         receivers=receivers,
         shifts=shifts,
         mask=mask,
+        table=nbr_table,
         ref_positions=positions,
         ref_cell=cell,
     )
     return nl, stats
 
 
-def overflowed(stats: BuildStats, cell_capacity: int, edge_capacity: int) -> Array:
+def overflowed(
+    stats: BuildStats, cell_capacity: int, edge_capacity: int, neighbor_capacity: int
+) -> Array:
     """True if a build with these capacities is incomplete (must grow and redo)."""
-    return (stats.n_edges > edge_capacity) | (stats.max_bin > cell_capacity) | ~stats.bins_ok
+    return (
+        (stats.n_edges > edge_capacity)
+        | (stats.max_bin > cell_capacity)
+        | (stats.max_neighbors > neighbor_capacity)
+        | ~stats.bins_ok
+    )
 
 
 def needs_rebuild(
@@ -257,26 +293,30 @@ def host_neighbor_list(
     pbc: np.ndarray | tuple[bool, bool, bool],
     r_list: float,
     edge_capacity: int | None = None,
-) -> tuple[NeighborList, int]:
+    neighbor_capacity: int | None = None,
+) -> tuple[NeighborList, int, int]:
     """The same list from the host builder (vesin), for cells too small for binning.
 
     Returns:
-        ``(neighbor_list, n_edges)``; if ``n_edges > edge_capacity`` the list holds no real edges
-        (the caller must grow the capacity), never a partial list.
+        ``(neighbor_list, n_edges, max_neighbors)``; if ``n_edges > edge_capacity`` or
+        ``max_neighbors > neighbor_capacity`` the list holds no real edges (the caller must grow
+        the capacity), never a partial list.
     """
     from ase import Atoms
 
-    from mlipctl.data.neighbors import neighbor_pairs
+    from mlipctl.data.neighbors import max_neighbors, neighbor_pairs, neighbor_table
 
     atoms = Atoms(positions=positions, cell=cell, pbc=pbc)
     i, j, s = neighbor_pairs(atoms, r_list)
     n_edges = len(i)
+    per_atom = max_neighbors([(i, j, s)])
     cap = n_edges if edge_capacity is None else int(edge_capacity)
+    k_cap = max(per_atom, 1) if neighbor_capacity is None else int(neighbor_capacity)
     senders = np.zeros(cap, np.int32)
     receivers = np.zeros(cap, np.int32)
     shifts = np.zeros((cap, 3), np.float64)
     mask = np.zeros(cap, bool)
-    if n_edges <= cap:
+    if n_edges <= cap and per_atom <= k_cap:
         senders[:n_edges] = i
         receivers[:n_edges] = j
         shifts[:n_edges] = s
@@ -286,21 +326,28 @@ def host_neighbor_list(
         receivers=jnp.asarray(receivers),
         shifts=jnp.asarray(shifts),
         mask=jnp.asarray(mask),
+        table=jnp.asarray(neighbor_table(senders, mask, len(positions), k_cap)),
         ref_positions=jnp.asarray(positions, dtype=jnp.float64),
         ref_cell=jnp.asarray(cell, dtype=jnp.float64),
     )
-    return nl, n_edges
+    return nl, n_edges, per_atom
 
 
-def pad_neighbor_list(nl: NeighborList, edge_capacity: int) -> NeighborList:
-    """The same edges in a larger buffer (padding edges 0 -> 0 appended)."""
-    extra = int(edge_capacity) - int(nl.senders.shape[0])
-    if extra < 0:
+def pad_neighbor_list(nl: NeighborList, edge_capacity: int, neighbor_capacity: int) -> NeighborList:
+    """The same edges in larger buffers (padding edges 0 -> 0 appended, table slots added)."""
+    n_old, k_old = int(nl.senders.shape[0]), int(nl.table.shape[1])
+    extra = int(edge_capacity) - n_old
+    k_extra = int(neighbor_capacity) - k_old
+    if extra < 0 or k_extra < 0:
         raise ValueError(
-            f"cannot shrink a neighbour list from {nl.senders.shape[0]} to {edge_capacity}"
+            f"cannot shrink a neighbour list from ({n_old}, {k_old}) slots to "
+            f"({edge_capacity}, {neighbor_capacity})"
         )
-    if extra == 0:
+    if extra == 0 and k_extra == 0:
         return nl
+    table = np.asarray(nl.table)
+    table = np.where(table == n_old, int(edge_capacity), table)
+    table = np.pad(table, ((0, 0), (0, k_extra)), constant_values=int(edge_capacity))
 
     # Host-side padding: no device kernels to compile for a one-off resize.
     def pad(a: Array, shape: tuple[int, ...]) -> Array:
@@ -312,4 +359,5 @@ def pad_neighbor_list(nl: NeighborList, edge_capacity: int) -> NeighborList:
         receivers=pad(nl.receivers, (extra,)),
         shifts=pad(nl.shifts, (extra, 3)),
         mask=pad(nl.mask, (extra,)),
+        table=jnp.asarray(table.astype(np.int32)),
     )

@@ -41,6 +41,7 @@ from mlipctl.data.neighbors import (
     bucket,
     build_graph,
     check_overlaps,
+    max_neighbors,
     neighbor_pairs,
     species_indices,
 )
@@ -199,6 +200,7 @@ class EnergyFnCalculator(Calculator):
             self.model.cutoff,
             self.model.type_map,
             n_edges=bucket(len(pairs[0][0])),
+            n_neighbors=bucket(max_neighbors(pairs)),
             pairs=pairs,
         )
         e, forces, g_eps = jax.device_get(self._fn(self.model.params, _to_device(graph)))
@@ -273,6 +275,7 @@ class SkinNeighbors:
         self.headroom = float(headroom)
         self.check_distance = float(check_distance)
         self.capacity = 0
+        self.neighbor_capacity = 0
         self.n_builds = 0
 
     def _pairs(self, structures: Sequence[Atoms]) -> list[Any]:
@@ -287,16 +290,19 @@ class SkinNeighbors:
             pairs.append(neighbor_pairs(atoms, self.cutoff + self.skin))
         return pairs
 
-    def _grow(self, needed: int) -> None:
+    def _grow(self, pairs: Sequence[Any], needed: int) -> None:
         if needed > self.capacity:
             # Multiples of 64 edges keep shapes stable across small changes.
             self.capacity = int(math.ceil(needed * (1.0 + self.headroom) / 64.0) * 64)
+        per_atom = max_neighbors(pairs)
+        if per_atom > self.neighbor_capacity:
+            self.neighbor_capacity = int(math.ceil(per_atom * (1.0 + self.headroom) / 8.0) * 8)
 
     def build(self, structures: Sequence[Atoms]) -> AtomsGraph:
         """Checked (overlaps, unknown elements) numpy graph of all ``structures`` together
         (B = len(structures) slots, one shared edge capacity)."""
         pairs = self._pairs(structures)
-        self._grow(sum(len(p[0]) for p in pairs))
+        self._grow(pairs, sum(len(p[0]) for p in pairs))
         self.n_builds += 1
         return build_graph(
             structures,
@@ -304,6 +310,7 @@ class SkinNeighbors:
             self.type_map,
             n_edges=self.capacity,
             n_structures=len(structures),
+            n_neighbors=self.neighbor_capacity,
             pairs=pairs,
         )
 
@@ -311,7 +318,7 @@ class SkinNeighbors:
         """One B = 1 graph per structure, stacked on a leading axis (S, ...); here
         ``capacity`` is the edge capacity of each structure (all same-size structures)."""
         pairs = self._pairs(structures)
-        self._grow(max(len(p[0]) for p in pairs))
+        self._grow(pairs, max(len(p[0]) for p in pairs))
         self.n_builds += 1
         graphs = [
             build_graph(
@@ -320,6 +327,7 @@ class SkinNeighbors:
                 self.type_map,
                 n_edges=self.capacity,
                 n_structures=1,
+                n_neighbors=self.neighbor_capacity,
                 pairs=[p],
             )
             for atoms, p in zip(structures, pairs, strict=True)

@@ -175,14 +175,20 @@ def md_graph(
     within = nbr.mask & (jnp.sum(rij * rij, axis=1) < cutoff * cutoff)
     count = jnp.sum(within, dtype=jnp.int32)
     senders, receivers, shifts, mask = nbr.senders, nbr.receivers, nbr.shifts, within
+    e = within.shape[0]
+    # The skin list's table, minus the edges now beyond the cutoff (sentinel e).
+    table = jnp.where(jnp.concatenate([within, jnp.zeros(1, bool)])[nbr.table], nbr.table, e)
     if capacity is not None:
-        e = within.shape[0]
         idx = jnp.nonzero(within, size=capacity, fill_value=e)[0]
         # Index e is a padding edge 0 -> 0 with zero shift appended to the list.
         senders = jnp.concatenate([senders, jnp.zeros(1, senders.dtype)])[idx]
         receivers = jnp.concatenate([receivers, jnp.zeros(1, receivers.dtype)])[idx]
         shifts = jnp.concatenate([shifts, jnp.zeros((1, 3), shifts.dtype)])[idx]
         mask = jnp.arange(capacity) < count
+        # Skin-list index -> compacted index (edges past the capacity: sentinel, overflow).
+        new_index = jnp.where(within, jnp.cumsum(within) - 1, capacity)
+        new_index = jnp.minimum(new_index, capacity).astype(jnp.int32)
+        table = jnp.concatenate([new_index, jnp.full(1, capacity, jnp.int32)])[table]
     graph = AtomsGraph(
         positions=positions,
         species=species,
@@ -193,6 +199,7 @@ def md_graph(
         receivers=receivers,
         shifts=shifts,
         edge_mask=mask,
+        neighbors=table,
         structure_mask=jnp.ones(1, bool),
         n_atoms=jnp.full(1, n, jnp.int32),
         overflow=jnp.zeros((), bool),
@@ -215,6 +222,7 @@ class Carry(NamedTuple):
         need_edges: () int32 edges an overflowing build needed.
         need_bin: () int32 atoms per bin an overflowing build needed.
         need_graph: () int32 edges within the cutoff when the model graph overflowed.
+        need_neighbors: () int32 edges of one atom an overflowing build needed.
         bins_ok: () bool, False if the bin grid no longer fits the cell.
         blow_reason: () int32 (0 none, 1 NaN, 2 temperature, 3 force).
         blow_step: () int64 step that failed.
@@ -227,6 +235,7 @@ class Carry(NamedTuple):
     need_edges: Any
     need_bin: Any
     need_graph: Any
+    need_neighbors: Any
     bins_ok: Any
     blow_reason: Any
     blow_step: Any
@@ -277,6 +286,11 @@ def _capacity(needed: int, headroom: float = 0.1) -> int:
     return max(64, 64 * math.ceil((1.0 + headroom) * needed / 64))
 
 
+def _neighbor_capacity(needed: int) -> int:
+    """Per-atom neighbour slots: 10 % headroom, a multiple of 8 (every slot costs model time)."""
+    return max(8, 8 * math.ceil(1.1 * needed / 8))
+
+
 def _blank_records(m: int) -> dict[str, Any]:
     nan = jnp.full((), jnp.nan)
     return {
@@ -317,6 +331,7 @@ def _make_chunk_fn(
     cell_capacity: int,
     edge_capacity: int,
     graph_capacity: int,
+    neighbor_capacity: int,
     periodic: bool = True,
 ) -> Callable:
     """The jitted chunk ``(params, mon_params, species, carry, n_active) -> (carry, records)``."""
@@ -337,22 +352,30 @@ def _make_chunk_fn(
                 zero = BuildStats(
                     n_edges=jnp.zeros((), jnp.int32),
                     max_bin=jnp.zeros((), jnp.int32),
+                    max_neighbors=jnp.zeros((), jnp.int32),
                     bins_ok=jnp.ones((), bool),
                 )
                 nl, stats = jax.lax.cond(
                     need,
                     lambda: build_cell_list(
-                        st.positions, st.cell, r_list, dims, cell_capacity, edge_capacity
+                        st.positions,
+                        st.cell,
+                        r_list,
+                        dims,
+                        cell_capacity,
+                        edge_capacity,
+                        neighbor_capacity,
                     ),
                     lambda: (st.nbr, zero),
                 )
-                bad = need & overflowed(stats, cell_capacity, edge_capacity)
+                bad = need & overflowed(stats, cell_capacity, edge_capacity, neighbor_capacity)
                 halt = jnp.zeros((), bool)
             else:
                 nl = st.nbr
                 stats = BuildStats(
                     n_edges=jnp.zeros((), jnp.int32),
                     max_bin=jnp.zeros((), jnp.int32),
+                    max_neighbors=jnp.zeros((), jnp.int32),
                     bins_ok=jnp.ones((), bool),
                 )
                 bad = jnp.zeros((), bool)
@@ -457,6 +480,9 @@ def _make_chunk_fn(
                 need_edges=jnp.maximum(c.need_edges, jnp.where(bad, stats.n_edges, 0)),
                 need_bin=jnp.maximum(c.need_bin, jnp.where(bad, stats.max_bin, 0)),
                 need_graph=jnp.maximum(c.need_graph, jnp.where(bad, n_within, 0)),
+                need_neighbors=jnp.maximum(
+                    c.need_neighbors, jnp.where(bad, stats.max_neighbors, 0)
+                ),
                 bins_ok=c.bins_ok & ~(bad & ~stats.bins_ok),
                 blow_reason=jnp.where(bad | halt, 0, reason).astype(jnp.int32),
                 blow_step=st1.step,
@@ -528,7 +554,7 @@ class JaxMD:
         cell_capacity: int | None = None,
         graph_capacity: int | None = None,
     ) -> None:
-        from mlipctl.data.neighbors import neighbor_pairs
+        from mlipctl.data.neighbors import max_neighbors, neighbor_pairs
 
         self.settings = settings
         self.params = params
@@ -554,12 +580,14 @@ class JaxMD:
         positions = np.asarray(atoms.positions, np.float64)
         self.dims = plan_bins(cell, self.pbc, self.r_list, self.grid_margin)
         self.mode = "cells" if self.dims is not None else "host"
-        n_pairs = len(neighbor_pairs(atoms, self.r_list)[0])
+        skin_pairs = neighbor_pairs(atoms, self.r_list)
+        n_pairs = len(skin_pairs[0])
         n_within = len(neighbor_pairs(atoms, self.cutoff)[0])
         # The skin list only costs memory and rebuild time, so it gets more headroom than the
         # model graph, whose every slot costs model time.
         self.edge_capacity = int(edge_capacity or _capacity(n_pairs, 0.25))
         self.graph_capacity = int(graph_capacity or _capacity(n_within))
+        self.neighbor_capacity = _neighbor_capacity(max_neighbors([skin_pairs]))
         if self.mode == "cells":
             # A perfect lattice can sit exactly on bin edges, so its occupancy understates what
             # thermal motion brings; also allow for density fluctuations around the mean.
@@ -602,15 +630,19 @@ class JaxMD:
         """Skin list from the host builder (any mode: the in-loop cell list takes over at the
         first rebuild; building on the host saves compiling the builder a second time)."""
         while True:
-            nl, n_edges = host_neighbor_list(
-                positions, cell, self.pbc, self.r_list, self.edge_capacity
+            nl, n_edges, per_atom = host_neighbor_list(
+                positions, cell, self.pbc, self.r_list, self.edge_capacity, self.neighbor_capacity
             )
             need_bin = 0
             if self.mode == "cells":
                 need_bin = count_bin_occupancy(positions, cell, self.dims)
-            if n_edges <= self.edge_capacity and need_bin <= self.cell_capacity:
+            if (
+                n_edges <= self.edge_capacity
+                and need_bin <= self.cell_capacity
+                and per_atom <= self.neighbor_capacity
+            ):
                 return nl
-            self._grow(need_edges=n_edges, need_bin=need_bin)
+            self._grow(need_edges=n_edges, need_bin=need_bin, need_neighbors=per_atom)
 
     def _evaluate_initial(self, state: integ.MDState) -> integ.MDState:
         init_jit = _initial_eval_fn(self._force_fn, self.cutoff)
@@ -638,6 +670,7 @@ class JaxMD:
             need_edges=np.zeros((), np.int32),
             need_bin=np.zeros((), np.int32),
             need_graph=np.zeros((), np.int32),
+            need_neighbors=np.zeros((), np.int32),
             bins_ok=np.ones((), bool),
             blow_reason=np.zeros((), np.int32),
             blow_step=np.zeros((), np.int64),
@@ -651,13 +684,16 @@ class JaxMD:
         need_edges: int = 0,
         need_bin: int = 0,
         need_graph: int = 0,
+        need_neighbors: int = 0,
         bins_ok: bool = True,
         cell: np.ndarray | None = None,
     ) -> None:
-        """Enlarge whatever overflowed (never shrink): edges, bin slots, model-graph edges, or
-        re-plan the bin grid for the current cell."""
+        """Enlarge whatever overflowed (never shrink): edges, bin slots, model-graph edges,
+        per-atom neighbour slots, or re-plan the bin grid for the current cell."""
         if need_edges > self.edge_capacity:
             self.edge_capacity = _capacity(need_edges, 0.25)
+        if need_neighbors > self.neighbor_capacity:
+            self.neighbor_capacity = _neighbor_capacity(need_neighbors)
         if need_graph > self.graph_capacity:
             self.graph_capacity = _capacity(need_graph)
         if need_bin > self.cell_capacity:
@@ -670,7 +706,14 @@ class JaxMD:
                 self.dims = dims
 
     def _chunk_fn(self) -> Callable:
-        key = (self.mode, self.dims, self.cell_capacity, self.edge_capacity, self.graph_capacity)
+        key = (
+            self.mode,
+            self.dims,
+            self.cell_capacity,
+            self.edge_capacity,
+            self.graph_capacity,
+            self.neighbor_capacity,
+        )
         fn = self._compiled.get(key)
         if fn is None:
             specs = tuple(
@@ -687,6 +730,7 @@ class JaxMD:
                 self.cell_capacity,
                 self.edge_capacity,
                 self.graph_capacity,
+                self.neighbor_capacity,
                 bool(self.pbc.all()),
             )
             # A call with no active step compiles (or finds the cached executable) without
@@ -733,6 +777,7 @@ class JaxMD:
                     need_edges=int(out.need_edges),
                     need_bin=int(out.need_bin),
                     need_graph=int(out.need_graph),
+                    need_neighbors=int(out.need_neighbors),
                     bins_ok=bool(out.bins_ok),
                     cell=np.asarray(out.state.cell),
                 )
@@ -775,21 +820,31 @@ class JaxMD:
     def _resize(self, carry: Carry) -> Carry:
         """The carry with its neighbour list in the current buffers (redo after an overflow)."""
         st = carry.state
-        if self.mode == "host" or st.nbr.senders.shape[0] > self.edge_capacity:
+        if (
+            self.mode == "host"
+            or st.nbr.senders.shape[0] > self.edge_capacity
+            or st.nbr.table.shape[1] > self.neighbor_capacity
+        ):
             nbr = self._initial_neighbors(np.asarray(st.positions), np.asarray(st.cell))
             # A fresh list must reproduce the same forces: re-evaluate from it.
             st = self._evaluate_initial(st._replace(nbr=nbr))
         else:
-            st = st._replace(nbr=pad_neighbor_list(st.nbr, self.edge_capacity))
+            st = st._replace(
+                nbr=pad_neighbor_list(st.nbr, self.edge_capacity, self.neighbor_capacity)
+            )
         return carry._replace(state=st)
 
     def _host_rebuild(self) -> None:
         st = self.carry.state
         pos, cell = np.asarray(st.positions), np.asarray(st.cell)
-        nl, n_edges = host_neighbor_list(pos, cell, self.pbc, self.r_list, self.edge_capacity)
-        if n_edges > self.edge_capacity:
-            self._grow(need_edges=n_edges)
-            nl, _ = host_neighbor_list(pos, cell, self.pbc, self.r_list, self.edge_capacity)
+        nl, n_edges, per_atom = host_neighbor_list(
+            pos, cell, self.pbc, self.r_list, self.edge_capacity, self.neighbor_capacity
+        )
+        if n_edges > self.edge_capacity or per_atom > self.neighbor_capacity:
+            self._grow(need_edges=n_edges, need_neighbors=per_atom)
+            nl, *_ = host_neighbor_list(
+                pos, cell, self.pbc, self.r_list, self.edge_capacity, self.neighbor_capacity
+            )
         self.host_rebuilds += 1
         st = st._replace(nbr=nl, n_rebuilds=st.n_rebuilds + 1)
         self.carry = self.carry._replace(state=st)
@@ -825,6 +880,7 @@ class JaxMD:
             "cell_capacity": self.cell_capacity,
             "edge_capacity": self.edge_capacity,
             "graph_capacity": self.graph_capacity,
+            "neighbor_capacity": self.neighbor_capacity,
             "overflow_redos": self.overflow_redos,
             "host_rebuilds": self.host_rebuilds,
         }
@@ -838,6 +894,7 @@ class JaxMD:
         self.cell_capacity = int(meta["cell_capacity"])
         self.edge_capacity = int(meta["edge_capacity"])
         self.graph_capacity = int(meta["graph_capacity"])
+        self.neighbor_capacity = int(meta["neighbor_capacity"])
         self.overflow_redos = int(meta["overflow_redos"])
         self.host_rebuilds = int(meta["host_rebuilds"])
         self.carry = _unflatten_tree(self.carry, arrays)
@@ -850,6 +907,7 @@ class JaxMD:
             "bins": list(self.dims) if self.dims else None,
             "edge_capacity": self.edge_capacity,
             "graph_capacity": self.graph_capacity,
+            "neighbor_capacity": self.neighbor_capacity,
             "bin_capacity": self.cell_capacity,
             "neighbor_rebuilds": int(st.n_rebuilds),
             "overflow_redos": self.overflow_redos,

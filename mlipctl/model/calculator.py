@@ -26,7 +26,13 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 
 from mlipctl.data.graph import AtomsGraph
-from mlipctl.data.neighbors import bucket, build_graph, check_overlaps, neighbor_pairs
+from mlipctl.data.neighbors import (
+    bucket,
+    build_graph,
+    check_overlaps,
+    max_neighbors,
+    neighbor_pairs,
+)
 from mlipctl.data.neighbors import species_indices as _species_indices
 from mlipctl.errors import UserInputError
 from mlipctl.model.potential import Potential, Prediction, make_predict
@@ -111,6 +117,7 @@ class Evaluator:
             self._type_map,
             n_atoms=bucket(n_atoms, self.ladder),
             n_edges=bucket(n_edges, self.ladder),
+            n_neighbors=bucket(max_neighbors(pairs), self.ladder),
             # Always one padding slot, so padding atoms never join a real structure.
             n_structures=bucket(len(structures) + 1, self.ladder, multiple=2),
             pairs=pairs,

@@ -171,9 +171,9 @@ def _module(spec: ModelSpec) -> MomentModel:
 def _dummy_inputs(spec: ModelSpec) -> tuple[Array, ...]:
     vectors = jnp.array([[1.0, 0.5, 0.25]], dtype=_dtype(spec))
     species = jnp.zeros(2, jnp.int32)
-    senders = jnp.zeros(1, jnp.int32)
+    neighbors = jnp.array([[0], [1]], jnp.int32)  # atom 0 sends edge 0; atom 1 none (1 = E)
     receivers = jnp.ones(1, jnp.int32)
-    return vectors, species, senders, receivers, jnp.ones(1, bool), jnp.ones(2, bool)
+    return vectors, species, neighbors, receivers, jnp.ones(1, bool), jnp.ones(2, bool)
 
 
 def _init_single(spec: ModelSpec, key: Array) -> PyTree:
@@ -216,19 +216,27 @@ def _edge_vectors(graph: AtomsGraph, positions: Array, strain: Array | None) -> 
     return vec
 
 
+def _apply(
+    spec: ModelSpec, params: PyTree, graph: AtomsGraph, vectors: Array, method: Any = None
+) -> Array:
+    """The flax module (or one of its methods) on a graph's (E, 3) edge vectors."""
+    return _module(spec).apply(
+        params,
+        vectors.astype(_dtype(spec)),
+        jnp.asarray(graph.species),
+        jnp.asarray(graph.neighbors),
+        jnp.asarray(graph.receivers),
+        jnp.asarray(graph.edge_mask),
+        jnp.asarray(graph.atom_mask),
+        method=method,
+    )
+
+
 def _atom_energies(spec: ModelSpec, params: PyTree, graph: AtomsGraph, vectors: Array) -> Array:
     """(k, N) float64 per-atom energies of one parameter set (k = heads), padding atoms 0."""
     species = jnp.asarray(graph.species)
     atom_mask = jnp.asarray(graph.atom_mask)
-    out = _module(spec).apply(
-        params,
-        vectors.astype(_dtype(spec)),
-        species,
-        jnp.asarray(graph.senders),
-        jnp.asarray(graph.receivers),
-        jnp.asarray(graph.edge_mask),
-        atom_mask,
-    )  # (N, k)
+    out = _apply(spec, params, graph, vectors)  # (N, k)
     offsets = jnp.asarray(spec.offsets, jnp.float64)[species]
     energy = out.T.astype(jnp.float64) * spec.energy_scale + spec.energy_shift + offsets
     return jnp.where(atom_mask[None, :], energy, 0.0)
@@ -352,24 +360,13 @@ def make_descriptors(spec: ModelSpec) -> Callable[[PyTree, AtomsGraph], Array]:
     parameters). For deep ensembles they are member 0's; shallow heads share one descriptor.
     Rows of padding atoms are 0.
     """
-    module = _module(spec)
     deep = spec.config.ensemble.kind == "deep"
 
     def descriptors(params: PyTree, graph: AtomsGraph) -> Array:
         if deep:
             params = jax.tree_util.tree_map(lambda x: x[0], params)
-        positions = jnp.asarray(graph.positions, jnp.float64)
-        vectors = _edge_vectors(graph, positions, None).astype(_dtype(spec))
-        return module.apply(
-            params,
-            vectors,
-            jnp.asarray(graph.species),
-            jnp.asarray(graph.senders),
-            jnp.asarray(graph.receivers),
-            jnp.asarray(graph.edge_mask),
-            jnp.asarray(graph.atom_mask),
-            method=MomentModel.descriptor,
-        )
+        vectors = _edge_vectors(graph, jnp.asarray(graph.positions, jnp.float64), None)
+        return _apply(spec, params, graph, vectors, MomentModel.descriptor)
 
     return descriptors
 
@@ -394,22 +391,11 @@ def fit_feature_scaling(
         ``feature_scale`` frozen during training: they are in raw units, where an optimiser's
         step is far larger than a feature's spread.
     """
-    module = _module(spec)
     deep = spec.config.ensemble.kind == "deep"
 
     def raw(p: PyTree, graph: AtomsGraph) -> Array:
-        positions = jnp.asarray(graph.positions, jnp.float64)
-        vectors = _edge_vectors(graph, positions, None).astype(_dtype(spec))
-        return module.apply(
-            p,
-            vectors,
-            jnp.asarray(graph.species),
-            jnp.asarray(graph.senders),
-            jnp.asarray(graph.receivers),
-            jnp.asarray(graph.edge_mask),
-            jnp.asarray(graph.atom_mask),
-            method=MomentModel.raw_descriptor,
-        )
+        vectors = _edge_vectors(graph, jnp.asarray(graph.positions, jnp.float64), None)
+        return _apply(spec, p, graph, vectors, MomentModel.raw_descriptor)
 
     fn = jax.jit(jax.vmap(raw, in_axes=(0, None)) if deep else (lambda p, g: raw(p, g)[None]))
     n_sets = spec.n_members if deep else 1

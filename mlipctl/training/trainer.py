@@ -240,6 +240,16 @@ def _to_host(tree: Any) -> Any:
     return jax.tree_util.tree_map(np.asarray, tree)
 
 
+def _shape_key(graph: Any) -> tuple[int, ...]:
+    """(N, E, B, K) of a padded batch: one compiled step per distinct key."""
+    return (
+        *graph.positions.shape[:1],
+        *graph.senders.shape,
+        *graph.cell.shape[:1],
+        graph.neighbors.shape[1],
+    )
+
+
 def _n_params(params: Any) -> int:
     return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
 
@@ -468,12 +478,12 @@ def run_fit(
 
     step_jit = jax.jit(step_fn)
     eval_jit = jax.jit(lambda p, g: predict_eval(p, g))
-    compiled_steps: dict[tuple[int, int, int], Any] = {}
-    compiled_evals: dict[tuple[int, int, int], Any] = {}
+    compiled_steps: dict[tuple[int, ...], Any] = {}
+    compiled_evals: dict[tuple[int, ...], Any] = {}
 
     def step_for(st: TrainState, graph: Any, targets: Any) -> Any:
         """The compiled step for this batch shape (compiled on first use, timed apart)."""
-        shape = (graph.positions.shape[0], graph.senders.shape[0], graph.cell.shape[0])
+        shape = _shape_key(graph)
         fn = compiled_steps.get(shape)
         if fn is None:
             tc = time.perf_counter()
@@ -485,7 +495,7 @@ def run_fit(
         return fn
 
     def predict(p: Any, graph: Any) -> Any:
-        shape = (graph.positions.shape[0], graph.senders.shape[0], graph.cell.shape[0])
+        shape = _shape_key(graph)
         fn = compiled_evals.get(shape)
         if fn is None:
             tc = time.perf_counter()
