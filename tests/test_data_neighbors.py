@@ -14,6 +14,7 @@ from mlipctl.data.neighbors import (
     check_overlaps,
     count_edges,
     edge_vectors,
+    max_neighbors,
     neighbor_pairs,
 )
 from mlipctl.errors import UserInputError
@@ -174,6 +175,13 @@ def test_build_graph_overflow_and_too_small() -> None:
     assert bool(g.overflow) and g.senders.shape == (need - 1,)
     assert not g.edge_mask.any(), "overflowing graph must not carry a partial edge list"
     assert not bool(build_graph(structs, 4.0, {28: 0, 29: 1}, n_edges=need).overflow)
+    # Too few neighbour slots per atom: the same contract.
+    k = max_neighbors([neighbor_pairs(a, 4.0) for a in structs])
+    g = build_graph(structs, 4.0, {28: 0, 29: 1}, n_neighbors=k - 1)
+    assert bool(g.overflow) and g.neighbors.shape == (6, k - 1)
+    assert not g.edge_mask.any() and np.all(g.neighbors == g.senders.shape[0])
+    g = build_graph(structs, 4.0, {28: 0, 29: 1}, n_neighbors=k + 2)
+    assert not bool(g.overflow) and g.neighbors.shape == (6, k + 2)
     with pytest.raises(ValueError, match="atom capacity 5 < 6"):
         build_graph(structs, 4.0, {28: 0, 29: 1}, n_atoms=5)
     with pytest.raises(ValueError, match="structure capacity 1 < 2"):

@@ -336,13 +336,15 @@ def test_overflow_redoes_the_chunk_and_matches_ample_capacity():
     s = _settings(n, skin=0.1, chunk=50)
     exact_edges = len(neighbor_pairs(atoms, r_list)[0])
     exact_graph = len(neighbor_pairs(atoms, RC_SHORT)[0])
+    exact_k = int(np.bincount(neighbor_pairs(atoms, r_list)[0]).max())
     dims = plan_bins(atoms.cell[:], atoms.pbc, r_list)
     occ = count_bin_occupancy(atoms.positions, atoms.cell[:], dims)
     # Buffers exactly as large as the perfect lattice needs: thermal motion overflows them
     # at some in-loop rebuild, which must halt, grow and redo the chunk.
     tight = JaxMD(
         SHORT, PARAMS, atoms, np.zeros(n, int), RC_SHORT, s,
-        edge_capacity=exact_edges, cell_capacity=occ, graph_capacity=exact_graph, **kw,
+        edge_capacity=exact_edges, cell_capacity=occ, graph_capacity=exact_graph,
+        neighbor_capacity=exact_k, **kw,
     )  # fmt: skip
     rec_t, ev_t = tight.advance(200)
     # The reference run starts with the buffers the tight run ended with (large enough for the
@@ -350,16 +352,18 @@ def test_overflow_redoes_the_chunk_and_matches_ample_capacity():
     ample = JaxMD(
         SHORT, PARAMS, atoms, np.zeros(n, int), RC_SHORT, s,
         edge_capacity=tight.edge_capacity, cell_capacity=tight.cell_capacity,
-        graph_capacity=tight.graph_capacity, **kw,
+        graph_capacity=tight.graph_capacity, neighbor_capacity=tight.neighbor_capacity, **kw,
     )  # fmt: skip
     rec_a, ev_a = ample.advance(200)
     assert ev_t is None and ev_a is None
     assert tight.overflow_redos >= 1 and ample.overflow_redos == 0
-    assert (tight.edge_capacity, tight.graph_capacity, tight.cell_capacity) != (
-        exact_edges,
-        exact_graph,
-        occ,
+    grown = (
+        tight.edge_capacity,
+        tight.graph_capacity,
+        tight.cell_capacity,
+        tight.neighbor_capacity,
     )
+    assert grown != (exact_edges, exact_graph, occ, exact_k)
     np.testing.assert_array_equal(rec_t["step"], np.arange(1, 201))
     st_t, st_a = tight.carry.state, ample.carry.state
     np.testing.assert_allclose(np.asarray(st_t.positions), np.asarray(st_a.positions), atol=1e-9)
@@ -372,9 +376,10 @@ def test_tiny_initial_capacities_grow_before_the_first_step():
     n = len(atoms)
     md = JaxMD(
         SHORT, PARAMS, atoms, np.zeros(n, int), RC_SHORT, _settings(n),
-        edge_capacity=8, cell_capacity=1, graph_capacity=8,
+        edge_capacity=8, cell_capacity=1, graph_capacity=8, neighbor_capacity=1,
     )  # fmt: skip
     assert md.edge_capacity >= len(neighbor_pairs(atoms, RC_SHORT + 0.3)[0])
+    assert md.neighbor_capacity >= np.bincount(neighbor_pairs(atoms, RC_SHORT + 0.3)[0]).max()
     assert md.graph_capacity >= len(neighbor_pairs(atoms, RC_SHORT)[0])
     fresh = _fresh_forces(atoms.positions, atoms.cell[:], atoms.numbers)
     np.testing.assert_allclose(np.asarray(md.carry.state.forces), fresh, atol=1e-12)

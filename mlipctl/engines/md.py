@@ -532,9 +532,10 @@ class JaxMD:
         seed: PRNG seed of the stochastic thermostats.
         member_fn: ``member_fn(params, graph) -> Prediction`` with per-member forces, used on
             monitor steps when a monitor ``needs_members`` (default: from ``energy_fn``).
-        edge_capacity, cell_capacity, graph_capacity: initial sizes of the skin list, of the
-            bins and of the model graph (edges within the cutoff); default: measured with a
-            margin. Too small is fine: they grow on overflow.
+        edge_capacity, cell_capacity, graph_capacity, neighbor_capacity: initial sizes of the
+            skin list, of the bins, of the model graph (edges within the cutoff) and of the
+            per-atom neighbour table; default: measured with a margin. Too small is fine: they
+            grow on overflow.
     """
 
     def __init__(
@@ -553,6 +554,7 @@ class JaxMD:
         edge_capacity: int | None = None,
         cell_capacity: int | None = None,
         graph_capacity: int | None = None,
+        neighbor_capacity: int | None = None,
     ) -> None:
         from mlipctl.data.neighbors import max_neighbors, neighbor_pairs
 
@@ -587,7 +589,9 @@ class JaxMD:
         # model graph, whose every slot costs model time.
         self.edge_capacity = int(edge_capacity or _capacity(n_pairs, 0.25))
         self.graph_capacity = int(graph_capacity or _capacity(n_within))
-        self.neighbor_capacity = _neighbor_capacity(max_neighbors([skin_pairs]))
+        self.neighbor_capacity = int(
+            neighbor_capacity or _neighbor_capacity(max_neighbors([skin_pairs]))
+        )
         if self.mode == "cells":
             # A perfect lattice can sit exactly on bin edges, so its occupancy understates what
             # thermal motion brings; also allow for density fluctuations around the mean.
