@@ -710,7 +710,7 @@ class JaxMD:
                 self.dims = dims
 
     def _chunk_fn(self) -> Callable:
-        key = (
+        buffers = (
             self.mode,
             self.dims,
             self.cell_capacity,
@@ -718,7 +718,7 @@ class JaxMD:
             self.graph_capacity,
             self.neighbor_capacity,
         )
-        fn = self._compiled.get(key)
+        fn = self._compiled.get(buffers)
         if fn is None:
             specs = tuple(
                 _MonitorSpec(m.name, m.fn, float(m.threshold), bool(m.needs_members))
@@ -729,12 +729,7 @@ class JaxMD:
                 self._force_fn,
                 self._member_fn,
                 specs,
-                self.mode,
-                self.dims,
-                self.cell_capacity,
-                self.edge_capacity,
-                self.graph_capacity,
-                self.neighbor_capacity,
+                *buffers,
                 bool(self.pbc.all()),
             )
             # A call with no active step compiles (or finds the cached executable) without
@@ -744,7 +739,7 @@ class JaxMD:
                 fn(self.params, self.mon_params, self.species, self.carry, jnp.int32(0))
             )
             self.compile_seconds += time.perf_counter() - t0
-            self._compiled[key] = fn
+            self._compiled[buffers] = fn
         return fn
 
     # -- running ----------------------------------------------------------------------------
