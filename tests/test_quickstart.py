@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from mlipctl import commands
+from mlipctl.config.fit import FitConfig
 from mlipctl.config.quickstart import QuickstartConfig
 from mlipctl.reports.base import Criterion, Report
 from mlipctl.workflows import quickstart as Q
@@ -87,6 +88,14 @@ def test_fit_emt_cu_config_is_the_quickstart_fit():
         shipped.pop(key), step.pop(key)
     shipped["data"].pop("path"), step["data"].pop("path")
     assert shipped == step
+
+
+@pytest.mark.parametrize(("epochs", "stage_two"), [(1, False), (2, True)])
+def test_fit_step_is_a_valid_fit_config_at_any_epoch_count(epochs, stage_two):
+    """A one-epoch smoke fit has no stage two (it would never start, which the schema rejects)."""
+    step = Q.step_configs(QuickstartConfig(max_epochs=epochs))["fit"]
+    cfg = FitConfig.model_validate(step)
+    assert (cfg.training.stage_two is not None) is stage_two
 
 
 @pytest.mark.slow

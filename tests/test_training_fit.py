@@ -393,6 +393,13 @@ def test_stage_two_switches_the_weights_and_the_best_model_comes_from_it(emt_dat
         assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), key
 
 
+def test_stage_two_that_would_never_start_is_rejected(emt_data, tmp_path):
+    two = {"start_fraction": 0.9, "energy_weight": 40.0}
+    with pytest.raises(UserInputError, match="stage_two would start at epoch 4 of 3"):
+        _cfg(emt_data, tmp_path, max_epochs=3, stage_two=two)
+    assert _cfg(emt_data, tmp_path, max_epochs=10, stage_two=two).training.stage_two_epoch() == 9
+
+
 def test_stage_two_stress_needs_stress_in_the_whole_fit(emt_data, tmp_path):
     with pytest.raises(UserInputError, match="stage_two.stress_weight"):
         _cfg(emt_data, tmp_path, stage_two={"energy_weight": 10.0, "stress_weight": 1.0})

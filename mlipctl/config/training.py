@@ -308,6 +308,13 @@ class TrainingConfig(StrictModel):
                 f"schedule.min_learning_rate ({sched.min_learning_rate}) is larger than "
                 f"optimizer.learning_rate ({self.optimizer.learning_rate})"
             )
+        start = self.stage_two_epoch()
+        if start is not None and start >= self.max_epochs:
+            raise ValueError(
+                f"stage_two would start at epoch {start + 1} of {self.max_epochs} (start_fraction "
+                f"{self.stage_two.start_fraction}), so it would never run: lower "
+                "stage_two.start_fraction or raise max_epochs"
+            )
         if sched.warmup_epochs >= self.max_epochs:
             raise ValueError(
                 f"schedule.warmup_epochs ({sched.warmup_epochs}) must be smaller than max_epochs "

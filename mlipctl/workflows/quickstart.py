@@ -129,12 +129,15 @@ def step_configs(cfg: QuickstartConfig) -> dict[str, dict[str, Any]]:
             },
             # The energy loss falls ~600x during the fit, the force loss ~25x: keep the
             # energies in charge of the last, low-learning-rate epochs (docs/training.md).
+            # A one-epoch smoke fit has no last epochs to hand over.
             "stage_two": {
                 "start_fraction": 0.7,
                 "energy_weight": 10000.0,
                 "forces_weight": 1.0,
                 "stress_weight": 1000.0,
-            },
+            }
+            if epochs > 1
+            else None,
         },
     }
     validate = {
