@@ -27,7 +27,7 @@ def test_dense_sum_and_gradients_match_segment_sum(blocks):
     k = int(np.bincount(senders[mask], minlength=N_ATOMS).max())
     table = jnp.asarray(neighbor_table(senders, mask, N_ATOMS, k + 2))  # 2 spare slots
     n_sets = 1 if blocks is None else len(blocks)
-    radial = jnp.asarray(rng.normal(size=(N_EDGES, N_CHAN, n_sets)))
+    radial = jnp.asarray(rng.normal(size=(N_EDGES, n_sets, N_CHAN)))
     angular = jnp.asarray(rng.normal(size=(N_EDGES, sum(BLOCKS))))
     weights = jnp.asarray(rng.normal(size=(N_ATOMS, N_CHAN, sum(BLOCKS))))
     picks = np.zeros(sum(BLOCKS), int) if blocks is None else np.repeat(np.arange(4), BLOCKS)
@@ -39,7 +39,7 @@ def test_dense_sum_and_gradients_match_segment_sum(blocks):
         return jnp.sum(jnp.sin(moment_sum(dense(r), dense(a), blocks)) * weights)
 
     def reference(r, a):
-        prod = r[:, :, picks] * a[:, None, :] * mask[:, None, None]
+        prod = jnp.swapaxes(r[:, picks, :], 1, 2) * a[:, None, :] * mask[:, None, None]
         return jnp.sum(jnp.sin(jax.ops.segment_sum(prod, senders, N_ATOMS)) * weights)
 
     np.testing.assert_allclose(ours(radial, angular), reference(radial, angular), rtol=1e-12)
@@ -54,8 +54,8 @@ def test_dense_sum_and_gradients_match_segment_sum(blocks):
 def test_per_order_sets_act_on_their_own_block_only():
     """Zeroing the radial set of order 2 zeroes exactly the six order-2 components."""
     rng = np.random.default_rng(1)
-    radial = rng.normal(size=(N_ATOMS, 5, N_CHAN, len(BLOCKS)))
-    radial[..., 2] = 0.0
+    radial = rng.normal(size=(N_ATOMS, 5, len(BLOCKS), N_CHAN))
+    radial[:, :, 2] = 0.0
     angular = jnp.asarray(rng.normal(size=(N_ATOMS, 5, sum(BLOCKS))))
     m = np.asarray(moment_sum(jnp.asarray(radial), angular, BLOCKS))
     assert m.shape == (N_ATOMS, N_CHAN, sum(BLOCKS))

@@ -69,10 +69,10 @@ def n_features(n_radial: int, max_order: int) -> int:
 
 
 def moment_sum(radial: Array, angular: Array, blocks: tuple[int, ...] | None = None) -> Array:
-    """M[i, c, l] = sum over neighbour slots k of radial[i, k, c, s(l)] * angular[i, k, l].
+    """M[i, c, l] = sum over neighbour slots k of radial[i, k, s(l), c] * angular[i, k, l].
 
     Args:
-        radial: (N, K, C, S) with S radial sets; angular: (N, K, L); blocks: sizes of the S
+        radial: (N, K, S, C) with S radial sets; angular: (N, K, L); blocks: sizes of the S
             contiguous blocks of angular components, set s serving block s (None: S = 1).
             Empty neighbour slots must be zero in ``radial``.
 
@@ -83,12 +83,17 @@ def moment_sum(radial: Array, angular: Array, blocks: tuple[int, ...] | None = N
     edge list was ~5x slower on CPU (forward and gradient, 4000-atom cell).
     """
     if blocks is None:
-        return jnp.einsum("nkc,nkl->ncl", radial[..., 0], angular)
+        return jnp.einsum("nkc,nkl->ncl", radial[:, :, 0], angular)
+    # Every set against every component in one product, then each component keeps its own
+    # set's row: S x the flops of per-block products, but one matmul of S*C rows beats S
+    # small ones (the L = 1 and 3 blocks especially) on CPU.
+    n, k, n_sets, c = radial.shape
+    full = jnp.einsum("nkr,nkl->nrl", radial.reshape(n, k, n_sets * c), angular)  # (N, S*C, L)
     edges = np.cumsum((0, *blocks))
     return jnp.concatenate(
         [
-            jnp.einsum("nkc,nkl->ncl", radial[..., s], angular[..., lo:hi])
-            for s, (lo, hi) in enumerate(zip(edges[:-1], edges[1:], strict=True))
+            full[:, s * c : (s + 1) * c, lo:hi]
+            for s, (lo, hi) in enumerate(itertools.pairwise(edges))
         ],
         axis=2,
     )
@@ -339,8 +344,8 @@ class MomentModel(nn.Module):
             radial = (onehot[:, :, None] * basis[:, None, :]).reshape(basis.shape[0], -1) @ (
                 self.radial.reshape(-1, self.radial.shape[-1])
             )
-        # (N, K, S, C) -> (N, K, C, S): S = max_order + 1 radial sets with radial_per_order.
-        radial = radial.reshape(n_atoms, n_slots, -1, cfg.n_radial).transpose(0, 1, 3, 2)
+        # (N, K, S, C): S = max_order + 1 radial sets with radial_per_order, else 1.
+        radial = radial.reshape(n_atoms, n_slots, -1, cfg.n_radial)
         radial = jnp.where(valid[..., None, None], radial, 0.0) / cfg.avg_num_neighbors
 
         comps = [jnp.ones_like(r)[..., None]]
