@@ -337,6 +337,7 @@ def test_overflow_redoes_the_chunk_and_matches_ample_capacity():
     exact_edges = len(neighbor_pairs(atoms, r_list)[0])
     exact_graph = len(neighbor_pairs(atoms, RC_SHORT)[0])
     exact_k = int(np.bincount(neighbor_pairs(atoms, r_list)[0]).max())
+    exact_graph_k = int(np.bincount(neighbor_pairs(atoms, RC_SHORT)[0]).max())
     dims = plan_bins(atoms.cell[:], atoms.pbc, r_list)
     occ = count_bin_occupancy(atoms.positions, atoms.cell[:], dims)
     # Buffers exactly as large as the perfect lattice needs: thermal motion overflows them
@@ -344,7 +345,7 @@ def test_overflow_redoes_the_chunk_and_matches_ample_capacity():
     tight = JaxMD(
         SHORT, PARAMS, atoms, np.zeros(n, int), RC_SHORT, s,
         edge_capacity=exact_edges, cell_capacity=occ, graph_capacity=exact_graph,
-        neighbor_capacity=exact_k, **kw,
+        neighbor_capacity=exact_k, graph_neighbor_capacity=exact_graph_k, **kw,
     )  # fmt: skip
     rec_t, ev_t = tight.advance(200)
     # The reference run starts with the buffers the tight run ended with (large enough for the
@@ -352,7 +353,8 @@ def test_overflow_redoes_the_chunk_and_matches_ample_capacity():
     ample = JaxMD(
         SHORT, PARAMS, atoms, np.zeros(n, int), RC_SHORT, s,
         edge_capacity=tight.edge_capacity, cell_capacity=tight.cell_capacity,
-        graph_capacity=tight.graph_capacity, neighbor_capacity=tight.neighbor_capacity, **kw,
+        graph_capacity=tight.graph_capacity, neighbor_capacity=tight.neighbor_capacity,
+        graph_neighbor_capacity=tight.graph_neighbor_capacity, **kw,
     )  # fmt: skip
     rec_a, ev_a = ample.advance(200)
     assert ev_t is None and ev_a is None
@@ -377,9 +379,11 @@ def test_tiny_initial_capacities_grow_before_the_first_step():
     md = JaxMD(
         SHORT, PARAMS, atoms, np.zeros(n, int), RC_SHORT, _settings(n),
         edge_capacity=8, cell_capacity=1, graph_capacity=8, neighbor_capacity=1,
+        graph_neighbor_capacity=1,
     )  # fmt: skip
     assert md.edge_capacity >= len(neighbor_pairs(atoms, RC_SHORT + 0.3)[0])
     assert md.neighbor_capacity >= np.bincount(neighbor_pairs(atoms, RC_SHORT + 0.3)[0]).max()
+    assert md.graph_neighbor_capacity >= np.bincount(neighbor_pairs(atoms, RC_SHORT)[0]).max()
     assert md.graph_capacity >= len(neighbor_pairs(atoms, RC_SHORT)[0])
     fresh = _fresh_forces(atoms.positions, atoms.cell[:], atoms.numbers)
     np.testing.assert_allclose(np.asarray(md.carry.state.forces), fresh, atol=1e-12)

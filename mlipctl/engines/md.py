@@ -159,16 +159,18 @@ def md_graph(
     nbr: NeighborList,
     species: Any,
     cutoff: float,
-    capacity: int | None = None,
+    capacity: tuple[int, int] | None = None,
 ) -> tuple[AtomsGraph, Any]:
     """One-structure :class:`AtomsGraph` (B = 1, no padding atoms) from the MD neighbour list.
 
     Only edges currently within ``cutoff`` are real, so the model sees exactly the graph a fresh
-    build at ``cutoff`` would give. With ``capacity`` they are also compacted (order kept) into
-    that many slots, so the model does not pay for the skin shell (~40 % of a skin list).
+    build at ``cutoff`` would give. With ``capacity = (edges, per_atom)`` they are also
+    compacted (order kept) into that many edge slots and per-atom table slots, so the model
+    does not pay for the skin shell (~40 % of a skin list).
 
     Returns:
-        ``(graph, n_within)``; the graph is incomplete if ``n_within > capacity`` (overflow).
+        ``(graph, need)``: need (2,) int32 = (edges within the cutoff, most of them sent by one
+        atom); the graph is incomplete if either exceeds its capacity (overflow).
     """
     n = positions.shape[0]
     rij = positions[nbr.receivers] - positions[nbr.senders] + nbr.shifts @ cell
@@ -176,9 +178,20 @@ def md_graph(
     count = jnp.sum(within, dtype=jnp.int32)
     senders, receivers, shifts, mask = nbr.senders, nbr.receivers, nbr.shifts, within
     e = within.shape[0]
-    # The skin list's table, minus the edges now beyond the cutoff (sentinel e).
-    table = jnp.where(jnp.concatenate([within, jnp.zeros(1, bool)])[nbr.table], nbr.table, e)
-    if capacity is not None:
+    # Which slots of the skin list's per-atom table hold edges now within the cutoff.
+    inside = jnp.concatenate([within, jnp.zeros(1, bool)])[nbr.table]  # (N, K_skin)
+    need = jnp.stack([count, jnp.max(jnp.sum(inside, axis=1, dtype=jnp.int32))])
+    if capacity is None:
+        table = jnp.where(inside, nbr.table, e)
+    else:
+        capacity, per_atom = capacity
+        # Row-wise compaction into per_atom slots (order kept; extra edges dropped = overflow).
+        slot = jnp.where(inside, jnp.cumsum(inside, axis=1) - 1, per_atom)
+        table = (
+            jnp.full((n, per_atom), e, jnp.int32)
+            .at[jnp.arange(n)[:, None], slot]
+            .set(nbr.table, mode="drop")
+        )
         idx = jnp.nonzero(within, size=capacity, fill_value=e)[0]
         # Index e is a padding edge 0 -> 0 with zero shift appended to the list.
         senders = jnp.concatenate([senders, jnp.zeros(1, senders.dtype)])[idx]
@@ -204,7 +217,7 @@ def md_graph(
         n_atoms=jnp.full(1, n, jnp.int32),
         overflow=jnp.zeros((), bool),
     )
-    return graph, count
+    return graph, need
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,7 +234,8 @@ class Carry(NamedTuple):
         status: () int32, one of RUNNING, PAUSED, HOST_REBUILD, OVERFLOW, BLOW_UP, STOPPED.
         need_edges: () int32 edges an overflowing build needed.
         need_bin: () int32 atoms per bin an overflowing build needed.
-        need_graph: () int32 edges within the cutoff when the model graph overflowed.
+        need_graph: (2,) int32 edges within the cutoff, and most of them sent by one atom, when
+            the model graph overflowed.
         need_neighbors: () int32 edges of one atom an overflowing build needed.
         bins_ok: () bool, False if the bin grid no longer fits the cell.
         blow_reason: () int32 (0 none, 1 NaN, 2 temperature, 3 force).
@@ -286,9 +300,9 @@ def _capacity(needed: int, headroom: float = 0.1) -> int:
     return max(64, 64 * math.ceil((1.0 + headroom) * needed / 64))
 
 
-def _neighbor_capacity(needed: int) -> int:
-    """Per-atom neighbour slots: 10 % headroom, a multiple of 8 (every slot costs model time)."""
-    return max(8, 8 * math.ceil(1.1 * needed / 8))
+def _neighbor_capacity(needed: int, headroom: float = 0.1) -> int:
+    """Per-atom neighbour slots with headroom, a multiple of 8 (every slot costs model time)."""
+    return max(8, 8 * math.ceil((1.0 + headroom) * needed / 8))
 
 
 def _blank_records(m: int) -> dict[str, Any]:
@@ -330,7 +344,7 @@ def _make_chunk_fn(
     dims: tuple[int, int, int] | None,
     cell_capacity: int,
     edge_capacity: int,
-    graph_capacity: int,
+    graph_capacity: tuple[int, int],
     neighbor_capacity: int,
     periodic: bool = True,
 ) -> Callable:
@@ -381,7 +395,7 @@ def _make_chunk_fn(
                 bad = jnp.zeros((), bool)
                 halt = need
             graph, n_within = md_graph(st.positions, st.cell, nl, species, s.cutoff, graph_capacity)
-            bad = bad | (n_within > graph_capacity)
+            bad = bad | jnp.any(n_within > jnp.asarray(graph_capacity))
             energy, forces, stress, pred = force_fn(params, graph)
             new = st._replace(
                 nbr=nl,
@@ -507,7 +521,7 @@ def _prng_key(seed: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=32)
 def _initial_eval_fn(force_fn: Callable, cutoff: float) -> Callable:
-    """Jitted ``(params, species, state, capacity) -> (state with forces, n_within)``."""
+    """Jitted ``(params, species, state, capacity) -> (state with forces, need)`` (md_graph)."""
 
     def init(params, species, st, capacity):
         graph, n_within = md_graph(st.positions, st.cell, st.nbr, species, cutoff, capacity)
@@ -532,10 +546,10 @@ class JaxMD:
         seed: PRNG seed of the stochastic thermostats.
         member_fn: ``member_fn(params, graph) -> Prediction`` with per-member forces, used on
             monitor steps when a monitor ``needs_members`` (default: from ``energy_fn``).
-        edge_capacity, cell_capacity, graph_capacity, neighbor_capacity: initial sizes of the
-            skin list, of the bins, of the model graph (edges within the cutoff) and of the
-            per-atom neighbour table; default: measured with a margin. Too small is fine: they
-            grow on overflow.
+        edge_capacity, cell_capacity, graph_capacity, neighbor_capacity,
+            graph_neighbor_capacity: initial sizes of the skin list, of the bins, of the model
+            graph (edges within the cutoff), of the skin list's per-atom table and of the model
+            graph's; default: measured with a margin. Too small is fine: they grow on overflow.
     """
 
     def __init__(
@@ -555,6 +569,7 @@ class JaxMD:
         cell_capacity: int | None = None,
         graph_capacity: int | None = None,
         neighbor_capacity: int | None = None,
+        graph_neighbor_capacity: int | None = None,
     ) -> None:
         from mlipctl.data.neighbors import max_neighbors, neighbor_pairs
 
@@ -584,13 +599,17 @@ class JaxMD:
         self.mode = "cells" if self.dims is not None else "host"
         skin_pairs = neighbor_pairs(atoms, self.r_list)
         n_pairs = len(skin_pairs[0])
-        n_within = len(neighbor_pairs(atoms, self.cutoff)[0])
+        cut_pairs = neighbor_pairs(atoms, self.cutoff)
+        n_within = len(cut_pairs[0])
         # The skin list only costs memory and rebuild time, so it gets more headroom than the
         # model graph, whose every slot costs model time.
         self.edge_capacity = int(edge_capacity or _capacity(n_pairs, 0.25))
         self.graph_capacity = int(graph_capacity or _capacity(n_within))
         self.neighbor_capacity = int(
             neighbor_capacity or _neighbor_capacity(max_neighbors([skin_pairs]))
+        )
+        self.graph_neighbor_capacity = int(
+            graph_neighbor_capacity or _neighbor_capacity(max_neighbors([cut_pairs]), 0.25)
         )
         if self.mode == "cells":
             # A perfect lattice can sit exactly on bin edges, so its occupancy understates what
@@ -652,12 +671,14 @@ class JaxMD:
         init_jit = _initial_eval_fn(self._force_fn, self.cutoff)
         while True:
             t0 = time.perf_counter()
-            out, n_within = init_jit(self.params, self.species, state, self.graph_capacity)
+            capacity = (self.graph_capacity, self.graph_neighbor_capacity)
+            out, need = init_jit(self.params, self.species, state, capacity)
             jax.block_until_ready(out)
             self.compile_seconds += time.perf_counter() - t0
-            if int(n_within) <= self.graph_capacity:
+            need = tuple(int(x) for x in need)
+            if need[0] <= capacity[0] and need[1] <= capacity[1]:
                 break
-            self._grow(need_graph=int(n_within))
+            self._grow(need_graph=need)
         if not (bool(jnp.isfinite(out.energy)) and bool(jnp.all(jnp.isfinite(out.forces)))):
             raise UserInputError(
                 "the potential gives non-finite (NaN/inf) energy or forces for the starting "
@@ -673,7 +694,7 @@ class JaxMD:
             status=np.asarray(RUNNING, np.int32),
             need_edges=np.zeros((), np.int32),
             need_bin=np.zeros((), np.int32),
-            need_graph=np.zeros((), np.int32),
+            need_graph=np.zeros(2, np.int32),
             need_neighbors=np.zeros((), np.int32),
             bins_ok=np.ones((), bool),
             blow_reason=np.zeros((), np.int32),
@@ -687,7 +708,7 @@ class JaxMD:
         *,
         need_edges: int = 0,
         need_bin: int = 0,
-        need_graph: int = 0,
+        need_graph: tuple[int, int] = (0, 0),
         need_neighbors: int = 0,
         bins_ok: bool = True,
         cell: np.ndarray | None = None,
@@ -698,8 +719,10 @@ class JaxMD:
             self.edge_capacity = _capacity(need_edges, 0.25)
         if need_neighbors > self.neighbor_capacity:
             self.neighbor_capacity = _neighbor_capacity(need_neighbors)
-        if need_graph > self.graph_capacity:
-            self.graph_capacity = _capacity(need_graph)
+        if need_graph[0] > self.graph_capacity:
+            self.graph_capacity = _capacity(need_graph[0])
+        if need_graph[1] > self.graph_neighbor_capacity:
+            self.graph_neighbor_capacity = _neighbor_capacity(need_graph[1])
         if need_bin > self.cell_capacity:
             self.cell_capacity = need_bin + max(2, math.ceil(0.25 * need_bin))
         if not bins_ok:
@@ -715,7 +738,7 @@ class JaxMD:
             self.dims,
             self.cell_capacity,
             self.edge_capacity,
-            self.graph_capacity,
+            (self.graph_capacity, self.graph_neighbor_capacity),
             self.neighbor_capacity,
         )
         fn = self._compiled.get(buffers)
@@ -775,7 +798,7 @@ class JaxMD:
                 self._grow(
                     need_edges=int(out.need_edges),
                     need_bin=int(out.need_bin),
-                    need_graph=int(out.need_graph),
+                    need_graph=tuple(int(x) for x in out.need_graph),
                     need_neighbors=int(out.need_neighbors),
                     bins_ok=bool(out.bins_ok),
                     cell=np.asarray(out.state.cell),
@@ -880,6 +903,7 @@ class JaxMD:
             "edge_capacity": self.edge_capacity,
             "graph_capacity": self.graph_capacity,
             "neighbor_capacity": self.neighbor_capacity,
+            "graph_neighbor_capacity": self.graph_neighbor_capacity,
             "overflow_redos": self.overflow_redos,
             "host_rebuilds": self.host_rebuilds,
         }
@@ -894,6 +918,7 @@ class JaxMD:
         self.edge_capacity = int(meta["edge_capacity"])
         self.graph_capacity = int(meta["graph_capacity"])
         self.neighbor_capacity = int(meta["neighbor_capacity"])
+        self.graph_neighbor_capacity = int(meta["graph_neighbor_capacity"])
         self.overflow_redos = int(meta["overflow_redos"])
         self.host_rebuilds = int(meta["host_rebuilds"])
         self.carry = _unflatten_tree(self.carry, arrays)
@@ -907,6 +932,7 @@ class JaxMD:
             "edge_capacity": self.edge_capacity,
             "graph_capacity": self.graph_capacity,
             "neighbor_capacity": self.neighbor_capacity,
+            "graph_neighbor_capacity": self.graph_neighbor_capacity,
             "bin_capacity": self.cell_capacity,
             "neighbor_rebuilds": int(st.n_rebuilds),
             "overflow_redos": self.overflow_redos,
