@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from ase import Atoms
 from ase.build import bulk
 
 from mlipctl.data.neighbors import neighbor_pairs
@@ -101,3 +102,17 @@ def test_skin_graph_gives_exact_forces_and_grow_only_capacity():
     sparse.set_cell(atoms.cell[:] * 1.05, scale_atoms=True)
     nl.build([sparse])
     assert nl.capacity == first_capacity and nl.n_builds == 2
+
+
+def test_skin_graph_of_an_atom_without_neighbours():
+    """An isolated atom (no pair within cutoff + skin) still gets a valid, empty table."""
+    model = morse_model()
+    nl = SkinNeighbors(model.cutoff, 1.0, model.type_map)
+    lone = Atoms("Cu", positions=[[0.0, 0.0, 0.0]], cell=[12.0, 12.0, 12.0], pbc=False)
+    graph = nl.build([lone])
+    assert not bool(graph.overflow) and not graph.edge_mask.any()
+    assert graph.neighbors.shape == (1, 8) and np.all(graph.neighbors == graph.senders.shape[0])
+    energy, forces = make_force_fn(model.energy_fn, model.cutoff)(
+        model.params, jax.tree.map(jnp.asarray, graph)
+    )
+    np.testing.assert_array_equal(np.asarray(forces), 0.0)

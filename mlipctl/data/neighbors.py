@@ -196,6 +196,12 @@ def max_neighbors(pairs: Sequence[Pairs]) -> int:
     return max((int(np.bincount(p[0]).max()) for p in pairs if len(p[0])), default=0)
 
 
+def neighbor_slots(needed: int, headroom: float = 0.1) -> int:
+    """Per-atom neighbour capacity for ``needed`` slots: headroom, a multiple of 8, at least 8
+    (so structures without any neighbour still get a valid table)."""
+    return max(8, 8 * math.ceil((1.0 + headroom) * needed / 8))
+
+
 def neighbor_table(senders: np.ndarray, edge_mask: np.ndarray, n_atoms: int, k: int) -> np.ndarray:
     """(N, K) int32 table of the real edges sent by each atom, padded with E = len(senders).
 

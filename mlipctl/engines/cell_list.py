@@ -202,12 +202,10 @@ def build_cell_list(
         shifts = shifts.at[dest].set(s, mode="drop")
         # Each atom's next free table slots, filled in the same order.
         # Out-of-range slots (not an edge, or past a capacity) are dropped, not wrapped.
+        edge_of = dest.reshape(valid.shape).astype(jnp.int32)
         slot = per_atom[:, None] + jnp.cumsum(valid, axis=1) - 1
-        keep = valid & (dest.reshape(valid.shape) < edge_capacity)
-        slot = jnp.where(keep, slot, neighbor_capacity)
-        nbr_table = nbr_table.at[centre[:, None], slot].set(
-            dest.reshape(valid.shape).astype(jnp.int32), mode="drop"
-        )
+        slot = jnp.where(valid & (edge_of < edge_capacity), slot, neighbor_capacity)
+        nbr_table = nbr_table.at[centre[:, None], slot].set(edge_of, mode="drop")
         per_atom = per_atom + jnp.sum(valid, axis=1, dtype=jnp.int32)
         return (
             senders,

@@ -43,6 +43,7 @@ from mlipctl.data.neighbors import (
     check_overlaps,
     max_neighbors,
     neighbor_pairs,
+    neighbor_slots,
     species_indices,
 )
 from mlipctl.errors import UserInputError
@@ -295,8 +296,9 @@ class SkinNeighbors:
             # Multiples of 64 edges keep shapes stable across small changes.
             self.capacity = int(math.ceil(needed * (1.0 + self.headroom) / 64.0) * 64)
         per_atom = max_neighbors(pairs)
-        if per_atom > self.neighbor_capacity:
-            self.neighbor_capacity = int(math.ceil(per_atom * (1.0 + self.headroom) / 8.0) * 8)
+        # The first build sizes the table even for structures without neighbours.
+        if per_atom > self.neighbor_capacity or self.neighbor_capacity == 0:
+            self.neighbor_capacity = neighbor_slots(per_atom, self.headroom)
 
     def build(self, structures: Sequence[Atoms]) -> AtomsGraph:
         """Checked (overlaps, unknown elements) numpy graph of all ``structures`` together

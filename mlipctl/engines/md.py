@@ -43,6 +43,7 @@ import numpy as np
 from ase import Atoms, units
 
 from mlipctl.data.graph import AtomsGraph
+from mlipctl.data.neighbors import max_neighbors, neighbor_pairs, neighbor_slots
 from mlipctl.engines import integrators as integ
 from mlipctl.engines.cell_list import (
     BuildStats,
@@ -298,11 +299,6 @@ def _capacity(needed: int, headroom: float = 0.1) -> int:
     """Buffer size for ``needed`` items with some headroom for thermal fluctuations of neighbour
     counts, rounded up to a multiple of 64."""
     return max(64, 64 * math.ceil((1.0 + headroom) * needed / 64))
-
-
-def _neighbor_capacity(needed: int, headroom: float = 0.1) -> int:
-    """Per-atom neighbour slots with headroom, a multiple of 8 (every slot costs model time)."""
-    return max(8, 8 * math.ceil((1.0 + headroom) * needed / 8))
 
 
 def _blank_records(m: int) -> dict[str, Any]:
@@ -571,8 +567,6 @@ class JaxMD:
         neighbor_capacity: int | None = None,
         graph_neighbor_capacity: int | None = None,
     ) -> None:
-        from mlipctl.data.neighbors import max_neighbors, neighbor_pairs
-
         self.settings = settings
         self.params = params
         self.monitors = list(monitors)
@@ -606,10 +600,10 @@ class JaxMD:
         self.edge_capacity = int(edge_capacity or _capacity(n_pairs, 0.25))
         self.graph_capacity = int(graph_capacity or _capacity(n_within))
         self.neighbor_capacity = int(
-            neighbor_capacity or _neighbor_capacity(max_neighbors([skin_pairs]))
+            neighbor_capacity or neighbor_slots(max_neighbors([skin_pairs]))
         )
         self.graph_neighbor_capacity = int(
-            graph_neighbor_capacity or _neighbor_capacity(max_neighbors([cut_pairs]), 0.25)
+            graph_neighbor_capacity or neighbor_slots(max_neighbors([cut_pairs]), 0.25)
         )
         if self.mode == "cells":
             # A perfect lattice can sit exactly on bin edges, so its occupancy understates what
@@ -718,11 +712,11 @@ class JaxMD:
         if need_edges > self.edge_capacity:
             self.edge_capacity = _capacity(need_edges, 0.25)
         if need_neighbors > self.neighbor_capacity:
-            self.neighbor_capacity = _neighbor_capacity(need_neighbors)
+            self.neighbor_capacity = neighbor_slots(need_neighbors)
         if need_graph[0] > self.graph_capacity:
             self.graph_capacity = _capacity(need_graph[0])
         if need_graph[1] > self.graph_neighbor_capacity:
-            self.graph_neighbor_capacity = _neighbor_capacity(need_graph[1])
+            self.graph_neighbor_capacity = neighbor_slots(need_graph[1])
         if need_bin > self.cell_capacity:
             self.cell_capacity = need_bin + max(2, math.ceil(0.25 * need_bin))
         if not bins_ok:

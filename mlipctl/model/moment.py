@@ -89,11 +89,11 @@ def moment_sum(radial: Array, angular: Array, blocks: tuple[int, ...] | None = N
     # small ones (the L = 1 and 3 blocks especially) on CPU.
     n, k, n_sets, c = radial.shape
     full = jnp.einsum("nkr,nkl->nrl", radial.reshape(n, k, n_sets * c), angular)  # (N, S*C, L)
-    edges = np.cumsum((0, *blocks))
+    bounds = np.cumsum((0, *blocks))
     return jnp.concatenate(
         [
             full[:, s * c : (s + 1) * c, lo:hi]
-            for s, (lo, hi) in enumerate(itertools.pairwise(edges))
+            for s, (lo, hi) in enumerate(itertools.pairwise(bounds))
         ],
         axis=2,
     )

@@ -243,9 +243,9 @@ def _to_host(tree: Any) -> Any:
 def _shape_key(graph: Any) -> tuple[int, ...]:
     """(N, E, B, K) of a padded batch: one compiled step per distinct key."""
     return (
-        *graph.positions.shape[:1],
-        *graph.senders.shape,
-        *graph.cell.shape[:1],
+        graph.positions.shape[0],
+        graph.senders.shape[0],
+        graph.cell.shape[0],
         graph.neighbors.shape[1],
     )
 
