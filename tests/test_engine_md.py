@@ -501,6 +501,15 @@ def test_resume_can_extend_a_finished_run(tmp_path):
     assert steps == [0, 50, 100, 150, 200]
 
 
+def test_restore_names_what_an_older_checkpoint_lacks():
+    atoms = _cu((3, 3, 3))
+    md = JaxMD(SHORT, PARAMS, atoms, np.zeros(len(atoms), int), RC_SHORT, _settings(len(atoms)))
+    meta = md.checkpoint_meta()
+    del meta["neighbor_capacity"], meta["graph_neighbor_capacity"]
+    with pytest.raises(UserInputError, match="missing graph_neighbor_capacity, neighbor_capacity"):
+        md.restore(md.checkpoint_arrays(), meta)
+
+
 def test_resume_refuses_missing_checkpoint_or_changed_config(tmp_path):
     cfg = _cfg(tmp_path, "r", steps=100, ensemble=LANGEVIN_300)
     with pytest.raises(UserInputError, match="no checkpoint"):

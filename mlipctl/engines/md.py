@@ -906,6 +906,11 @@ class JaxMD:
         """Continue from a checkpoint (same buffers, so the run continues bit for bit)."""
         if meta.get("driver") != "jax":
             raise UserInputError("the checkpoint was written by a different MD driver")
+        missing = sorted(set(self.checkpoint_meta()) - set(meta))
+        if missing:
+            raise UserInputError(
+                f"checkpoint is missing {', '.join(missing)}; was it written by this version?"
+            )
         self.mode = meta["mode"]
         self.dims = tuple(meta["dims"]) if meta["dims"] else None
         self.cell_capacity = int(meta["cell_capacity"])
