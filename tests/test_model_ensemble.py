@@ -79,7 +79,7 @@ def test_model_config_union_defaults_and_errors():
     with pytest.raises(ValidationError, match="r_min"):
         MomentModelConfig(cutoff=3.0, r_min=3.5)
     with pytest.raises(ValidationError):
-        MomentModelConfig(max_order=4)
+        MomentModelConfig(max_order=5)
     with pytest.raises(ValidationError, match="Extra inputs"):
         ModelConfig.model_validate({"architecture": {"kind": "moment", "n_layers": 3}})
     with pytest.raises(ValidationError):

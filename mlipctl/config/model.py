@@ -52,9 +52,10 @@ class MomentModelConfig(StrictModel):
     max_order: int = Field(
         default=3,
         ge=0,
-        le=3,
+        le=4,
         description="Highest moment-tensor order (0: radial only, 2-body; 1: + vector moments, "
-        "3-body; 2 and 3: + matrix and rank-3 moments and their 4-body contractions).",
+        "3-body; 2 and 3: + matrix and rank-3 moments and their 4-body contractions; 4: + "
+        "rank-4 moments, finer 3-body angles (l <= 4) and (M4:M2):M2).",
     )
     hidden: tuple[int, ...] = Field(
         default=(64, 64),
