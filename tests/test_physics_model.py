@@ -345,3 +345,19 @@ def test_bessel_basis_forces_and_cutoff():
     e_in = float(energy(params, _graph(spec, [pair], CUTOFF + 1.0))[0, 0])
     e_out = float(energy(params, _graph(spec, [far], CUTOFF + 1.0))[0, 0])
     assert abs(e_in - e_out) < 1e-9
+
+
+@pytest.mark.parametrize("p", [3, 6, 9])
+def test_envelope_vanishes_smoothly_at_the_cutoff(p):
+    from mlipctl.model.moment import envelope
+
+    d1 = jax.grad(lambda x: envelope(x, p))
+    d2 = jax.grad(d1)
+    assert float(envelope(jnp.float64(0.0), p)) == 1.0
+    for fn in (lambda x: envelope(x, p), d1, d2):
+        assert abs(float(fn(jnp.float64(1.0 - 1e-7)))) < 1e-3
+        assert float(fn(jnp.float64(1.2))) == 0.0
+    x = np.linspace(0.0, 1.0, 101)
+    assert np.all(np.diff(np.asarray(envelope(jnp.asarray(x), p))) <= 0.0)
+    if p == 3:
+        np.testing.assert_allclose(envelope(jnp.asarray(x)), 1 - 10 * x**3 + 15 * x**4 - 6 * x**5)

@@ -31,6 +31,15 @@ class MomentModelConfig(StrictModel):
         "spherical Bessel functions sin(n*pi*r/r_c)/r. Both are multiplied by a polynomial "
         "envelope whose value and first two derivatives vanish at the cutoff.",
     )
+    envelope_power: int = Field(
+        default=3,
+        ge=2,
+        le=12,
+        description="p of the polynomial cutoff envelope 1 - (p+1)(p+2)/2 x^p + p(p+2) x^(p+1) "
+        "- p(p+1)/2 x^(p+2), x = r / cutoff (value, first and second derivative 0 at the "
+        "cutoff). 3: 1 - 10x^3 + 15x^4 - 6x^5, already 0.5 at half the cutoff; larger p keeps "
+        "it near 1 further out (p = 6: 0.86 at half the cutoff).",
+    )
     r_min: float = Field(
         default=0.5,
         ge=0,

@@ -113,10 +113,15 @@ def moment_sum(radial: Array, angular: Array, blocks: tuple[int, ...] | None = N
 # --- radial part ---------------------------------------------------------------------------
 
 
-def envelope(x: Array) -> Array:
-    """Smooth cutoff on x = r / r_c: 1 at 0, 0 for x >= 1 with first and second derivatives 0."""
+def envelope(x: Array, p: int = 3) -> Array:
+    """Smooth cutoff on x = r / r_c: 1 at 0, 0 for x >= 1 with first and second derivatives 0.
+
+    u(x) = 1 - (p+1)(p+2)/2 x^p + p(p+2) x^(p+1) - p(p+1)/2 x^(p+2) (the polynomial envelope of
+    DimeNet/NequIP); p = 3 is 1 - 10x^3 + 15x^4 - 6x^5. Larger p stays near 1 for longer.
+    """
     x = jnp.clip(x, 0.0, 1.0)
-    return 1.0 - x**3 * (10.0 - 15.0 * x + 6.0 * x * x)
+    a, b, c = (p + 1) * (p + 2) / 2, p * (p + 2), p * (p + 1) / 2
+    return 1.0 - x**p * (a - b * x + c * x * x)
 
 
 def radial_basis(r: Array, cfg: MomentModelConfig) -> Array:
@@ -132,7 +137,7 @@ def radial_basis(r: Array, cfg: MomentModelConfig) -> Array:
         k = jnp.arange(1, n + 1, dtype=r.dtype) * (math.pi / rc)
         # r >= ~0.5 Å for real edges (overlaps are rejected upstream); padding edges get r = 1.
         phi = math.sqrt(2.0 / rc) * jnp.sin(k * r[:, None]) / r[:, None]
-    return phi * envelope(r / rc)[:, None]
+    return phi * envelope(r / rc, cfg.envelope_power)[:, None]
 
 
 def _activation(name: str) -> Callable[[Array], Array]:
