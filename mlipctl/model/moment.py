@@ -3,8 +3,9 @@
 Per directed edge i -> j with vector r_ij (length r, direction u = r_ij / r):
 
 1. Radial basis phi_n(r), n < n_basis (Gaussians or Bessel), times a polynomial envelope
-   f(r/r_c) = 1 - 10x^3 + 15x^4 - 6x^5 whose value, first and second derivatives vanish at r_c,
-   so energy, forces and force derivatives are continuous when a neighbour crosses the cutoff.
+   f(r/r_c) = 1 - 10x^3 + 15x^4 - 6x^5 (``envelope_power`` p = 3; see :func:`envelope`) whose
+   value, first and second derivatives vanish at r_c, so energy, forces and force derivatives
+   are continuous when a neighbour crosses the cutoff.
 2. Learned radial channels R_c(r) = f(r) * sum_n W[z_i, z_j, n, c] phi_n(r), c < n_radial, with
    a separate matrix W for each ordered species pair (and, with ``radial_per_order``, for each
    moment order, as in MTP).
