@@ -56,7 +56,7 @@ class MomentModelConfig(StrictModel):
         default=False,
         description="Give each moment order (0..max_order) its own n_radial learned radial "
         "channels, as MTP does, instead of one set shared by all orders. Same descriptor "
-        "size; (max_order + 1) x the radial weights, ~1.35x the inference time.",
+        "size; (max_order + 1) x the radial weights, ~1.2-1.35x the inference time.",
     )
     max_order: int = Field(
         default=3,
