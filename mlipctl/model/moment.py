@@ -25,8 +25,10 @@ Shapes: E edges, N atoms, K neighbour slots per atom, C = n_radial channels, F =
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -41,24 +43,16 @@ Array = jax.Array
 
 # --- symmetric tensor bookkeeping ------------------------------------------------------------
 
-_UNIQUE2 = [(a, b) for a in range(3) for b in range(a, 3)]  # 6 components of a symmetric 3x3
-_UNIQUE3 = [(a, b, c) for a in range(3) for b in range(a, 3) for c in range(b, 3)]  # 10
-_UNIQUE4 = list(itertools.combinations_with_replacement(range(3), 4))  # 15
-# Full-tensor index -> unique-component index, to expand moments per atom (cheap).
-_EXPAND2 = np.array(
-    [_UNIQUE2.index(tuple(sorted(ab))) for ab in itertools.product(range(3), repeat=2)]
-)
-_EXPAND3 = np.array(
-    [_UNIQUE3.index(tuple(sorted(abc))) for abc in itertools.product(range(3), repeat=3)]
-)
-_EXPAND4 = np.array(
-    [_UNIQUE4.index(tuple(sorted(t))) for t in itertools.product(range(3), repeat=4)]
-)
-# How often each unique component occurs in the full tensor: M:M = sum_u mult_u m_u^2.
-_MULT1 = np.ones(3)
-_MULT2 = np.bincount(_EXPAND2, minlength=6).astype(float)
-_MULT3 = np.bincount(_EXPAND3, minlength=10).astype(float)
-_MULT4 = np.bincount(_EXPAND4, minlength=15).astype(float)
+# Per moment order k: the unique components of a symmetric rank-k tensor (index tuples
+# a <= b <= ...; 1, 3, 6, 10, 15 of them), the full-tensor index -> unique index table used to
+# expand moments per atom (cheap), and how often each unique component occurs in the full
+# tensor (M:M = sum_u mult_u m_u^2).
+_UNIQUE = [list(itertools.combinations_with_replacement(range(3), k)) for k in range(5)]
+_EXPAND = [
+    np.array([_UNIQUE[k].index(tuple(sorted(t))) for t in itertools.product(range(3), repeat=k)])
+    for k in range(5)
+]
+_MULT = [np.bincount(_EXPAND[k], minlength=len(_UNIQUE[k])).astype(float) for k in range(5)]
 
 
 def n_features(n_radial: int, max_order: int) -> int:
@@ -191,14 +185,14 @@ def _upper3(x: Array) -> Array:
     return x.reshape(*x.shape[:-3], c**3) @ _selector(c**3, picks, x.dtype)
 
 
-def _gram_upper(x: Array, weights: np.ndarray) -> Array:
-    """(N, C, X) -> (N, C(C+1)/2): sum_x weights[x] x[c1, x] x[c2, x] for c1 <= c2."""
-    return _upper(jnp.sum(x[:, :, None, :] * (x * jnp.asarray(weights, x.dtype))[:, None], -1))
-
-
 def _contract_last(x: Array, y: Array) -> Array:
     """Broadcasting product summed over the last axis."""
     return jnp.sum(x * y, axis=-1)
+
+
+def _gram_upper(x: Array, weights: np.ndarray) -> Array:
+    """(N, C, X) -> (N, C(C+1)/2): sum_x weights[x] x[c1, x] x[c2, x] for c1 <= c2."""
+    return _upper(_contract_last(x[:, :, None, :], (x * jnp.asarray(weights, x.dtype))[:, None]))
 
 
 def invariants(moments: Array, n_radial: int, max_order: int) -> Array:
@@ -214,10 +208,10 @@ def invariants(moments: Array, n_radial: int, max_order: int) -> Array:
     out = [moments[:, :, 0]]
     if max_order >= 1:
         m1 = moments[:, :, 1:4]
-        out.append(_gram_upper(m1, _MULT1))
+        out.append(_gram_upper(m1, _MULT[1]))
     if max_order >= 2:
-        out.append(_gram_upper(moments[:, :, 4:10], _MULT2))
-        m2 = _expand(moments[:, :, 4:10], _EXPAND2, (3, 3))
+        out.append(_gram_upper(moments[:, :, 4:10], _MULT[2]))
+        m2 = _expand(moments[:, :, 4:10], _EXPAND[2], (3, 3))
         # M1[c1] . M2[c2] . M1[c3], symmetric in c1 <-> c3.
         m2m1 = _contract_last(m2[:, :, None], m1[:, None, :, None])  # (N, c2, c3, 3)
         t = _contract_last(m2m1[:, :, :, None], m1[:, None, None])  # (N, c2, c3, c1)
@@ -226,8 +220,8 @@ def invariants(moments: Array, n_radial: int, max_order: int) -> Array:
         m2m2 = jnp.einsum("ncab,ndbe->ncdae", m2, m2)
         out.append(_upper3(jnp.einsum("ncdae,nfea->ncdf", m2m2, m2)))
     if max_order >= 3:
-        out.append(_gram_upper(moments[:, :, 10:20], _MULT3))
-        m3 = _expand(moments[:, :, 10:20], _EXPAND3, (3, 3, 3))
+        out.append(_gram_upper(moments[:, :, 10:20], _MULT[3]))
+        m3 = _expand(moments[:, :, 10:20], _EXPAND[3], (3, 3, 3))
         # M1[c1] . M3[c2] : M2[c3]
         m3m2 = jnp.einsum("ncabd,nebd->ncea", m3, m2)  # (N, c2, c3, 3)
         out.append(jnp.einsum("nfa,ncea->nfce", m1, m3m2).reshape(n_atoms, c**3))
@@ -236,9 +230,9 @@ def invariants(moments: Array, n_radial: int, max_order: int) -> Array:
         t = jnp.einsum("ncdab,neab->necd", m3m3, m2)  # (N, c3, c1, c2)
         out.append(_upper(t).reshape(n_atoms, -1))
     if max_order >= 4:
-        out.append(_gram_upper(moments[:, :, 20:35], _MULT4))
+        out.append(_gram_upper(moments[:, :, 20:35], _MULT[4]))
         # (M4[c1] : M2[c2]) : M2[c3], symmetric in c2 <-> c3.
-        m4 = _expand(moments[:, :, 20:35], _EXPAND4, (9, 9))
+        m4 = _expand(moments[:, :, 20:35], _EXPAND[4], (9, 9))
         m2f = m2.reshape(n_atoms, c, 9)
         m4m2 = jnp.einsum("ncpq,ndq->ncdp", m4, m2f)  # (N, c1, c3, 9)
         t = _contract_last(m4m2[:, :, None], m2f[:, None, :, None])  # (N, c1, c2, c3)
@@ -396,14 +390,8 @@ class MomentModel(nn.Module):
         # Each component is sliced once: a slice per use would add a pad per use to the gradient.
         uc = [u[0], u[1], u[2]]
         comps: list[list[Array]] = [[jnp.ones_like(r)]]
-        if cfg.max_order >= 1:
-            comps.append(uc)
-        if cfg.max_order >= 2:
-            comps.append([uc[a] * uc[b] for a, b in _UNIQUE2])
-        if cfg.max_order >= 3:
-            comps.append([uc[a] * uc[b] * uc[c] for a, b, c in _UNIQUE3])
-        if cfg.max_order >= 4:
-            comps.append([uc[a] * uc[b] * uc[c] * uc[d] for a, b, c, d in _UNIQUE4])
+        for k in range(1, cfg.max_order + 1):
+            comps.append([functools.reduce(operator.mul, (uc[a] for a in t)) for t in _UNIQUE[k]])
         angular = jnp.stack([x for block in comps for x in block], axis=-1)  # (N, K, L)
         blocks = tuple(len(block) for block in comps) if cfg.radial_per_order else None
         moments = moment_sum(radial, angular, blocks)  # (N, C, L)
