@@ -7,10 +7,12 @@ forces of the member mean only ("mean-F", energy spreads only), deep):
   * FLOPs per call from XLA's cost analysis and the achieved rate as a fraction of a nominal
     fp32 peak (default 166 GFLOP/s),
 and ASE's EMT on the same box for orientation. The model runs with random parameters (speed does
-not depend on their values). The machine's load average is printed: timings on a shared machine
-are upper bounds.
+not depend on their values); ``--model`` times a trained model file as it is (its own
+architecture and ensemble) instead of the four variants. The machine's load average is printed:
+timings on a shared machine are upper bounds.
 
-Usage: python bench/bench_inference.py [--repeat 3 8 8] [--repeats 5] [--json out.json]
+Usage: python bench/bench_inference.py [--model M.mlip] [--repeat 3 8 8] [--repeats 5]
+[--no-emt] [--json out.json]
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from ase.calculators.emt import EMT
 
 from mlipctl.config.model import EnsembleConfig, ModelConfig
 from mlipctl.data.neighbors import build_graph
-from mlipctl.model.potential import ModelSpec, init_params, make_predict
+from mlipctl.model.potential import ModelSpec, init_params, load_potential, make_predict
 
 
 def _time(fn: Any, repeats: int) -> list[float]:
@@ -43,13 +45,17 @@ def _time(fn: Any, repeats: int) -> list[float]:
 
 
 def bench_model(
-    atoms: Any, ensemble: EnsembleConfig, repeats: int, peak: float, member_forces: bool = True
+    atoms: Any,
+    spec: ModelSpec,
+    params: Any,
+    repeats: int,
+    peak: float,
+    member_forces: bool = True,
 ) -> dict:
-    spec = ModelSpec(ModelConfig(ensemble=ensemble), species=("Cu",), offsets=(0.0,))
+    ensemble = spec.config.ensemble
     t0 = time.perf_counter()
     graph = jax.device_put(build_graph([atoms], spec.cutoff, spec.type_map()))
     t_graph = time.perf_counter() - t0
-    params = init_params(spec, 0)
     predict = make_predict(spec, stress=False, member_forces=member_forces)
     t0 = time.perf_counter()
     lowered = jax.jit(predict).lower(params, graph)
@@ -95,6 +101,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, nargs=3, default=(10, 10, 10), help="fcc cells")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per variant")
     parser.add_argument("--peak", type=float, default=166.0, help="nominal fp32 GFLOP/s")
+    parser.add_argument("--model", type=Path, default=None, help="time this trained .mlip file")
+    parser.add_argument("--no-emt", action="store_true", help="skip the EMT reference")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     args = parser.parse_args()
 
@@ -105,15 +113,24 @@ def main() -> None:
         f"{len(atoms)} Cu atoms; jax {jax.__version__} on {jax.default_backend()}; "
         f"{os.cpu_count()} CPUs; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}"
     )
-    rows = [
-        bench_model(atoms, ens, args.repeats, args.peak, member_forces)
+    if args.model is not None:
+        pot = load_potential(args.model)
+        rows = [bench_model(atoms, pot.spec, pot.params, args.repeats, args.peak)]
+        rows[0]["model"] = str(args.model)
+    else:
+        rows = []
         for ens, member_forces in (
             (EnsembleConfig(), True),
             (EnsembleConfig(kind="shallow", size=4), True),
             (EnsembleConfig(kind="shallow", size=4), False),
             (EnsembleConfig(kind="deep", size=4), True),
-        )
-    ]
+        ):
+            spec = ModelSpec(ModelConfig(ensemble=ens), species=("Cu",), offsets=(0.0,))
+            rows.append(
+                bench_model(
+                    atoms, spec, init_params(spec, 0), args.repeats, args.peak, member_forces
+                )
+            )
     single = rows[0]["time_s"]
     header = (
         f"{'model':20s} {'compile s':>9s} {'ms/call':>9s} {'atoms/s':>10s} "
@@ -127,8 +144,10 @@ def main() -> None:
             f"{r['atom_evals_per_s']:10.0f} {r['ratio_to_single']:6.2f} "
             f"{r['gflop_per_call']:7.2f} {r['gflop_per_s']:8.2f} {100 * r['fraction_of_peak']:6.1f}%"
         )
-    emt = bench_emt(atoms, max(2, args.repeats // 2))
-    print(f"{'ASE EMT':20s} {'':9s} {emt['time_s'] * 1e3:9.1f} {emt['atom_evals_per_s']:10.0f}")
+    emt = None
+    if not args.no_emt:
+        emt = bench_emt(atoms, max(2, args.repeats // 2))
+        print(f"{'ASE EMT':20s} {'':9s} {emt['time_s'] * 1e3:9.1f} {emt['atom_evals_per_s']:10.0f}")
     print(
         f"neighbour list (vesin, build_graph): {rows[0]['neighbour_list_s'] * 1e3:.0f} ms, "
         f"{rows[0]['edges']} directed edges"

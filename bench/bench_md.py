@@ -1,9 +1,11 @@
 """MD throughput: the jitted `md` loop vs ASE's VelocityVerlet through our calculator (and EMT).
 
 Run: ``python bench/bench_md.py [--model runs/fit/model.mlip] [--sizes 500 4000 32000]
-[--steps 20] [--ase-steps 5] [--json bench_md.json]``.
+[--steps 20] [--ase-steps 5] [--ensemble nve|nose_hoover_chain] [--dt 1.0] [--no-ase-calc]
+[--json bench_md.json]``.
 
-For each size N (fcc Cu, n x n x n conventional cells, 300 K NVE, dt 1 fs, skin 1 Å) it reports:
+For each size N (fcc Cu, n x n x n conventional cells, 300 K, NVE by default, dt 1 fs, skin 1 Å)
+it reports:
 
 * ``jax``: compile time (neighbour list, initial forces, chunk) and steady-state atom-steps/s of
   the jitted chunks (``chunk_steps = steps``), in-loop cell list included;
@@ -65,7 +67,18 @@ def _velocities(atoms, seed: int = 0):
     return maxwell_boltzmann(atoms.get_masses(), 300.0, seed)
 
 
-def bench_jax(pot, atoms, steps: int) -> dict:
+def _ensemble(kind: str):
+    from ase import units
+
+    from mlipctl.engines import integrators as integ
+
+    if kind == "nve":
+        return integ.Ensemble("nve")
+    # As apax md's template: 300 K, chain of 3, 100 fs time constant.
+    return integ.Ensemble(kind, temperature_k=300.0, tau=100.0 * units.fs, chain_length=3)
+
+
+def bench_jax(pot, atoms, steps: int, ensemble: str = "nve", dt_fs: float = 1.0) -> dict:
     import numpy as np
     from ase import units
 
@@ -76,8 +89,8 @@ def bench_jax(pot, atoms, steps: int) -> dict:
 
     n = len(atoms)
     settings = LoopSettings(
-        ensemble=integ.Ensemble("nve"),
-        dt=1.0 * units.fs,
+        ensemble=_ensemble(ensemble),
+        dt=dt_fs * units.fs,
         n_dof=integ.degrees_of_freedom(n),
         cutoff=pot.spec.cutoff,
         skin=1.0,
@@ -119,6 +132,8 @@ def bench_jax(pot, atoms, steps: int) -> dict:
             integ.temperature(md.carry.state.velocities, md.carry.state.masses, settings.n_dof)
         ),
         "finite": bool(np.isfinite(np.asarray(md.carry.state.energy))),
+        "ensemble": ensemble,
+        "dt_fs": dt_fs,
     }
 
 
@@ -144,18 +159,17 @@ def bench_ase(atoms, calc, steps: int, warmup: int = 2) -> dict:
     }
 
 
-def run_size(
-    n_target: int, model: str | None, steps: int, ase_steps: int, emt: bool, light: bool
-) -> dict:
+def run_size(args: argparse.Namespace, n_target: int) -> dict:
     from ase.calculators.emt import EMT
 
-    pot = _potential(model, light)
+    pot = _potential(args.model, args.light)
     atoms = _atoms(n_target)
     out: dict = {"n_atoms": len(atoms)}
-    out["jax"] = bench_jax(pot, atoms, steps)
-    out["ase_calc"] = bench_ase(atoms, pot.calculator(), ase_steps)
-    if emt:
-        out["ase_emt"] = bench_ase(atoms, EMT(), ase_steps)
+    out["jax"] = bench_jax(pot, atoms, args.steps, args.ensemble, args.dt)
+    if not args.no_ase_calc:
+        out["ase_calc"] = bench_ase(atoms, pot.calculator(), args.ase_steps)
+    if not args.no_emt:
+        out["ase_emt"] = bench_ase(atoms, EMT(), args.ase_steps)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     return out
 
@@ -170,15 +184,17 @@ def main() -> None:
     parser.add_argument(
         "--light", action="store_true", help="untrained model with a cheap architecture"
     )
+    parser.add_argument("--ensemble", choices=["nve", "nose_hoover_chain"], default="nve")
+    parser.add_argument("--dt", type=float, default=1.0, help="time step, fs")
+    parser.add_argument(
+        "--no-ase-calc", action="store_true", help="skip ASE's VelocityVerlet with our calculator"
+    )
     parser.add_argument("--json", default=None, help="write results here")
     parser.add_argument("--single", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.single is not None:
-        res = run_size(
-            args.single, args.model, args.steps, args.ase_steps, not args.no_emt, args.light
-        )
-        print(json.dumps(res))
+        print(json.dumps(run_size(args, args.single)))
         return
 
     results = []
@@ -191,27 +207,39 @@ def main() -> None:
             cmd.append("--no-emt")
         if args.light:
             cmd.append("--light")
+        cmd += ["--ensemble", args.ensemble, "--dt", str(args.dt)]
+        if args.no_ase_calc:
+            cmd.append("--no-ase-calc")
         proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"size {n} failed")
         res = json.loads(proc.stdout.strip().splitlines()[-1])
         results.append(res)
-        j, a = res["jax"], res["ase_calc"]
-        emt = res.get("ase_emt", {}).get("atom_steps_per_s", math.nan)
-        print(
+        j = res["jax"]
+        line = (
             f"N={res['n_atoms']:6d}  jax {j['atom_steps_per_s']:10.0f} atom-steps/s "
-            f"(compile {j['compile_s']:.1f} s, {j['mode']})  ase+calc "
-            f"{a['atom_steps_per_s']:10.0f}  speed-up {j['atom_steps_per_s'] / a['atom_steps_per_s']:5.2f}x"
-            f"  ase+EMT {emt:10.0f}  peak RSS {res['peak_rss_mb']:.0f} MB  | per CPU-second: "
-            f"jax {j['atom_steps_per_cpu_s']:.0f}, ase+calc {a['atom_steps_per_cpu_s']:.0f} "
-            f"({j['atom_steps_per_cpu_s'] / a['atom_steps_per_cpu_s']:.2f}x)",
-            flush=True,
+            f"(compile {j['compile_s']:.1f} s, {j['mode']}, {j['ensemble']})"
         )
+        if "ase_calc" in res:
+            a = res["ase_calc"]
+            line += (
+                f"  ase+calc {a['atom_steps_per_s']:10.0f}  speed-up "
+                f"{j['atom_steps_per_s'] / a['atom_steps_per_s']:5.2f}x"
+            )
+        emt = res.get("ase_emt", {}).get("atom_steps_per_s", math.nan)
+        line += f"  ase+EMT {emt:10.0f}  peak RSS {res['peak_rss_mb']:.0f} MB"
+        if "ase_calc" in res:
+            line += (
+                f"  | per CPU-second: jax {j['atom_steps_per_cpu_s']:.0f}, ase+calc "
+                f"{a['atom_steps_per_cpu_s']:.0f} "
+                f"({j['atom_steps_per_cpu_s'] / a['atom_steps_per_cpu_s']:.2f}x)"
+            )
+        print(line, flush=True)
 
     by_n = {r["n_atoms"]: r for r in results}
     summary: dict = {"results": results, "machine": platform.platform(), "cpus": os.cpu_count()}
-    if 4000 in by_n:
+    if 4000 in by_n and "ase_calc" in by_n[4000]:
         r = by_n[4000]
         summary["speedup_4000"] = r["jax"]["atom_steps_per_s"] / r["ase_calc"]["atom_steps_per_s"]
         summary["speedup_4000_cpu_time"] = (

@@ -9,6 +9,10 @@ Run from the repository root with the apax venv's python (setup: bench/apax/READ
       through apax's jitted predictor (the jitted step of apax's ASECalculator, compiled ahead of
       time so compile time is apart), through the jitted model alone (fixed neighbour list), and
       through the ASE calculator; median of --repeats calls after a warm-up
+  python bench/apax/bench_apax.py predict runs/apax/mlearn-Cu --data test.extxyz --out p.npz
+      energies and forces of every structure in an extxyz file, written to an .npz (arrays only:
+      energy (S,), n_atoms (S,), forces (sum N, 3)); bench/bench_vs_apax.py scores them against
+      the reference with the same code as mlipctl's predictions
   python bench/apax/bench_apax.py train-log runs/apax/mlearn-Cu
       training throughput (structures/s) from the epoch times in apax's log.csv
   python bench/apax/bench_apax.py md runs/apax/mlearn-Cu [--atoms 500 4000] [--steps 100 400]
@@ -245,6 +249,43 @@ def cmd_infer(args: argparse.Namespace) -> dict:
     }
 
 
+# --- predictions for accuracy ------------------------------------------------------------------
+
+
+def cmd_predict(args: argparse.Namespace) -> dict:
+    import numpy as np
+    from apax.md import ASECalculator
+    from ase.io import read
+
+    structures = read(args.data, index=":")
+    calc = ASECalculator(Path(args.model_dir))
+    energies, forces = [], []
+    t0 = time.perf_counter()
+    for atoms in structures:
+        atoms = atoms.copy()  # drop the file's single-point results
+        atoms.calc = calc
+        energies.append(atoms.get_potential_energy())
+        forces.append(np.asarray(atoms.get_forces(), dtype=np.float64))
+    elapsed = time.perf_counter() - t0
+    out = Path(args.out)
+    tmp = out.with_name(out.name + ".tmp.npz")
+    np.savez(
+        tmp,
+        energy=np.asarray(energies, dtype=np.float64),
+        n_atoms=np.asarray([len(a) for a in structures]),
+        forces=np.concatenate(forces),
+    )
+    tmp.replace(out)
+    return {
+        "model_dir": str(args.model_dir),
+        "data": str(args.data),
+        "structures": len(structures),
+        "seconds": elapsed,
+        "out": str(out),
+        "versions": _versions(),
+    }
+
+
 # --- training throughput from apax's log ---------------------------------------------------------
 
 
@@ -422,6 +463,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7, help="timed calls per path")
     p.add_argument("--no-ase", action="store_true", help="skip the ASE calculator path")
     p.set_defaults(fn=cmd_infer)
+
+    p = sub.add_parser("predict", help="energies and forces of an extxyz file, to .npz")
+    p.add_argument("model_dir")
+    p.add_argument("--data", required=True, help="extxyz file")
+    p.add_argument("--out", required=True, help=".npz to write")
+    p.set_defaults(fn=cmd_predict)
 
     p = sub.add_parser("train-log", help="training structures/s from apax's log.csv")
     p.add_argument("model_dir")
