@@ -1,7 +1,7 @@
 """Training throughput on mlearn Cu: compile time of the train step and steady-state structures/s.
 
 Run: ``python bench/bench_training.py [--config configs/fit-mlearn-Cu.yaml] [--epochs 2]
-[--set training.batch_size=8 ...]``. The data is expected at ``../shared/data/mlearn`` (or
+[--set training.batch_size=8 ...] [--json out.json]``. The data is expected at ``../shared/data/mlearn`` (or
 ``$MLIPCTL_MLEARN_DIR``). Uses the same compiled step as ``mlipctl fit``: every batch shape of one
 epoch is compiled first (timed on its own), then ``--epochs`` epochs are timed.
 """
@@ -9,6 +9,7 @@ epoch is compiled first (timed on its own), then ``--epochs`` epochs are timed.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("--config", default=str(ROOT / "configs/fit-mlearn-Cu.yaml"))
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs")
     parser.add_argument("--set", action="append", default=[], help="override KEY=VALUE")
+    parser.add_argument("--json", type=Path, default=None, help="also write results here")
     args = parser.parse_args()
 
     data_dir = _mlearn_dir() / "Cu"
@@ -128,6 +130,21 @@ def main() -> None:
     print(f"throughput                  {n_struct / wall:8.2f} structures/s")
     print(f"                            {n_atoms / wall:8.0f} atoms/s")
     print(f"epoch time                  {wall / args.epochs:8.2f} s")
+    if args.json:
+        result = {
+            "config": args.config,
+            "overrides": args.set,
+            "n_train": len(data.train),
+            "batch_size": tcfg.batch_size,
+            "compile_s": t_compile,
+            "shapes": len(compiled),
+            "step_median_s": statistics.median(step_times),
+            "structures_per_s": n_struct / wall,
+            "atoms_per_s": n_atoms / wall,
+            "epoch_s": wall / args.epochs,
+            "load_average": os.getloadavg(),
+        }
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

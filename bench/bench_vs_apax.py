@@ -19,6 +19,11 @@ process (apax turns on float64 globally) and both are timed in the same minutes:
 3. MD throughput at each ``--md-sizes`` N, in the same alternating rounds: mlipctl's jitted loop
    (``bench_md.py``, NVT Nosé–Hoover chain, dt 0.5 fs, in-loop cell list) against ``apax md``
    (``apax.md.run_md``, NVT Nosé–Hoover chain, dt 0.5 fs, as apax's template).
+4. Training throughput on mlearn Cu (``--train-epochs`` > 0): ``bench_training.py`` (the fit
+   config's compiled step, training only) against a short ``apax train`` of
+   ``bench/apax/config_cu.yaml`` (first epoch left out; apax's epoch time includes its
+   validation pass, so its structures/s is given both over the training structures and over
+   training + validation structures; the ratio uses the latter, apax's more favourable figure).
 
 Ratios are apax time / mlipctl time (> 1: mlipctl faster), per round and their median. The load
 average is recorded with every measurement.
@@ -201,6 +206,58 @@ def _md_apax(args: argparse.Namespace, n: int, tmp: Path) -> dict:
     }
 
 
+def _train_ours(args: argparse.Namespace, tmp: Path) -> dict:
+    out = tmp / "ours_train.json"
+    cmd = [sys.executable, str(BENCH / "bench_training.py"), "--config", str(args.fit_config)]
+    res = _run_json([*cmd, "--epochs", "2", "--json", str(out)], out)
+    return {
+        "structures_per_s": res["structures_per_s"],
+        "batch_size": res["batch_size"],
+        "load": res["load_after"],
+    }
+
+
+def _train_apax(args: argparse.Namespace, tmp: Path) -> dict:
+    directory = tmp / f"apax_train_{os.getpid()}_{len(list(tmp.glob('apax_train_*')))}"
+    cfg = tmp / "apax_train.yaml"
+    bench_apax = str(BENCH / "apax/bench_apax.py")
+    _run_json(
+        [args.apax_python, bench_apax, "config", "--epochs", str(args.train_epochs)]
+        + ["--directory", str(directory), "--out", str(cfg), "--json", str(tmp / "cfg.json")],
+        tmp / "cfg.json",
+    )
+    apax = str(Path(args.apax_python).parent / "apax")
+    proc = subprocess.run([apax, "train", str(cfg)], capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit("apax train failed")
+    out = tmp / "apax_trainlog.json"
+    experiment = _yaml_experiment(cfg)
+    res = _run_json(
+        [
+            args.apax_python,
+            bench_apax,
+            "train-log",
+            str(directory / experiment),
+            "--json",
+            str(out),
+        ],
+        out,
+    )
+    return {
+        "train_structures_per_s": res["train_structures_per_s"],
+        "structures_per_s": res["train_plus_valid_structures_per_s"],
+        "batch_size": res["batch_size"],
+        "load": res["load_after"],
+    }
+
+
+def _yaml_experiment(cfg: Path) -> str:
+    import yaml
+
+    return str(yaml.safe_load(cfg.read_text())["data"]["experiment"])
+
+
 def speed(args: argparse.Namespace, tmp: Path) -> dict:
     rounds: list[dict] = []
     for k in range(args.rounds):
@@ -231,6 +288,18 @@ def speed(args: argparse.Namespace, tmp: Path) -> dict:
                 flush=True,
             )
             row[f"md_{n}"] = md
+        if args.train_epochs > 0:
+            pair_t = [("mlipctl", _train_ours), ("apax", _train_apax)]
+            for name, fn in reversed(pair_t) if apax_first else pair_t:
+                row[f"train_{name}"] = fn(args, tmp)
+            ours, theirs = row["train_mlipctl"], row["train_apax"]
+            row["train_ratio"] = ours["structures_per_s"] / theirs["structures_per_s"]
+            print(
+                f"round {k}: training mlipctl {ours['structures_per_s']:.1f} structures/s (batch "
+                f"{ours['batch_size']})  apax {theirs['structures_per_s']:.1f} (batch "
+                f"{theirs['batch_size']}, with validation)  ratio {row['train_ratio']:.2f}x",
+                flush=True,
+            )
         rounds.append(row)
     summary: dict[str, Any] = {
         "infer_ratio_median": statistics.median(r["infer_ratio"] for r in rounds)
@@ -238,6 +307,8 @@ def speed(args: argparse.Namespace, tmp: Path) -> dict:
     for n in [] if args.no_md else args.md_sizes:
         ratios = [r[f"md_{n}"]["ratio"] for r in rounds if "ratio" in r[f"md_{n}"]]
         summary[f"md_{n}_ratio_median"] = statistics.median(ratios) if ratios else None
+    if args.train_epochs > 0:
+        summary["train_ratio_median"] = statistics.median(r["train_ratio"] for r in rounds)
     return {"rounds": rounds, "summary": summary}
 
 
@@ -251,6 +322,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="timed inference calls per side")
     parser.add_argument("--md-sizes", type=int, nargs="+", default=[500, 4000])
     parser.add_argument("--no-md", action="store_true")
+    parser.add_argument(
+        "--train-epochs", type=int, default=0, help="apax epochs per training round (0: skip)"
+    )
+    parser.add_argument("--fit-config", type=Path, default=ROOT / "configs/fit-mlearn-Cu.yaml")
     parser.add_argument("--no-accuracy", action="store_true")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     args = parser.parse_args()
