@@ -58,6 +58,14 @@ class MomentModelConfig(StrictModel):
         "channels, as MTP does, instead of one set shared by all orders. Same descriptor "
         "size; (max_order + 1) x the radial weights, ~1.2-1.35x the inference time.",
     )
+    radial_tie_decay: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="With radial_per_order: > 0 writes each order's radial weights as one shared "
+        "set plus a per-order deviation, and the deviations decay towards zero at this rate "
+        "(decoupled, AdamW-style: d <- d - lr * rate * d each step), so the orders share their "
+        "radial functions unless the data pull them apart. 0: independent sets per order.",
+    )
     max_order: int = Field(
         default=3,
         ge=0,
@@ -94,6 +102,12 @@ class MomentModelConfig(StrictModel):
         if any(int(h) < 1 for h in v):
             raise ValueError(f"hidden layer widths must be >= 1, got {list(v)}")
         return v
+
+    @model_validator(mode="after")
+    def _tie_needs_per_order(self) -> MomentModelConfig:
+        if self.radial_tie_decay > 0 and not self.radial_per_order:
+            raise ValueError("radial_tie_decay > 0 needs radial_per_order: true")
+        return self
 
     @model_validator(mode="after")
     def _r_min_below_cutoff(self) -> MomentModelConfig:

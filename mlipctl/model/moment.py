@@ -8,7 +8,8 @@ Per directed edge i -> j with vector r_ij (length r, direction u = r_ij / r):
    are continuous when a neighbour crosses the cutoff.
 2. Learned radial channels R_c(r) = f(r) * sum_n W[z_i, z_j, n, c] phi_n(r), c < n_radial, with
    a separate matrix W for each ordered species pair (and, with ``radial_per_order``, for each
-   moment order, as in MTP).
+   moment order, as in MTP; with ``radial_tie_decay`` > 0 as W + D_order, the training decaying
+   the deviations D).
 3. Moment tensors per atom and channel, summed over neighbours and divided by avg_num_neighbors:
    M0 = sum R, M1 = sum R u, M2 = sum R u(x)u, M3 = sum R u(x)u(x)u. The symmetric tensors are
    accumulated as their unique components (1 + 3 + 6 + 10) to halve the edge work, on the dense
@@ -309,12 +310,21 @@ class MomentModel(nn.Module):
         cfg = self.config
         s2 = self.n_species * self.n_species
         n_sets = cfg.max_order + 1 if cfg.radial_per_order else 1
+        tied = cfg.radial_per_order and cfg.radial_tie_decay > 0
         self.radial = self.param(
             "radial",
             nn.initializers.normal(stddev=1.0),
-            (s2, cfg.n_basis, cfg.n_radial * n_sets),
+            (s2, cfg.n_basis, cfg.n_radial * (1 if tied else n_sets)),
             self.dtype,
         )
+        if tied:
+            # Zero-initialised: training starts from one radial set shared by all orders.
+            self.radial_delta = self.param(
+                "radial_delta",
+                nn.initializers.zeros,
+                (s2, cfg.n_basis, cfg.n_radial * n_sets),
+                self.dtype,
+            )
         n_feat = n_features(cfg.n_radial, cfg.max_order)
         # Affine standardisation of the invariants per element, set from data by
         # mlipctl.model.potential.fit_feature_scaling. Invariants span many orders of magnitude
@@ -372,15 +382,18 @@ class MomentModel(nn.Module):
         r = jnp.sqrt(jnp.where(valid, r2, 1.0))
         u = vec / r  # (3, N, K)
         basis = radial_basis(r.reshape(-1), cfg)  # (N * K, n_basis)
+        weights = self.radial  # (S^2, n_basis, C * sets)
+        if cfg.radial_per_order and cfg.radial_tie_decay > 0:
+            weights = jnp.tile(weights, (1, 1, cfg.max_order + 1)) + self.radial_delta
         if self.n_species == 1:
-            radial = basis @ self.radial[0]
+            radial = basis @ weights[0]
         else:
             pair = species[:, None] * self.n_species + species[dense(receivers)]
             onehot = (pair.reshape(-1, 1) == jnp.arange(self.n_species**2)).astype(basis.dtype)
             # One matmul over (pair, basis) instead of a per-edge weight gather, whose
             # gradient would be a slow scatter on CPU.
             radial = (onehot[:, :, None] * basis[:, None, :]).reshape(basis.shape[0], -1) @ (
-                self.radial.reshape(-1, self.radial.shape[-1])
+                weights.reshape(-1, weights.shape[-1])
             )
         # (N, K, S, C): S = max_order + 1 radial sets with radial_per_order, else 1.
         radial = radial.reshape(n_atoms, n_slots, -1, cfg.n_radial)

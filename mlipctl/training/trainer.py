@@ -254,6 +254,13 @@ def _n_params(params: Any) -> int:
     return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
 
 
+def _tie_decay(updates: Any, params: Any, rate: float) -> Any:
+    """Add decoupled decay ``rate * d`` to the update of the per-order radial deviations d."""
+    inner = dict(updates["params"])
+    inner["radial_delta"] = inner["radial_delta"] + rate * params["params"]["radial_delta"]
+    return {**updates, "params": inner}
+
+
 def make_train_step(
     spec: ModelSpec, tcfg: Any
 ) -> tuple[Any, Callable[[TrainState, Any, Any, Any, Any, Any], tuple[TrainState, jax.Array]]]:
@@ -272,6 +279,8 @@ def make_train_step(
     clip = tcfg.clip_grad_norm
 
     freeze = bool(getattr(tcfg, "freeze_feature_scaling", True))
+    arch = spec.config.architecture
+    tie = float(getattr(arch, "radial_tie_decay", 0.0))
 
     def step_fn(
         st: TrainState,
@@ -297,6 +306,8 @@ def make_train_step(
         updates, opt_state = tx.update(grads, st.opt_state, st.params)
         if freeze:
             updates = _zero_frozen(updates)  # also no weight decay on them
+        if tie > 0:
+            updates = _tie_decay(updates, st.params, tie)
         params = jax.tree_util.tree_map(
             lambda p, u: p - (lr * u).astype(p.dtype), st.params, updates
         )
