@@ -324,6 +324,18 @@ def test_early_stopping_stops_and_keeps_best(emt_data, tmp_path):
     assert np.abs(shift).max() > 0
 
 
+def test_early_stopping_waits_for_min_epochs(emt_data, tmp_path):
+    cfg = _cfg(
+        emt_data,
+        tmp_path / "es",
+        max_epochs=30,
+        early_stopping={"patience": 2, "min_delta": 1e9, "min_epochs": 6},
+    )
+    res = run_fit(cfg, progress=False)
+    assert res.stopped_early and res.epochs_completed == 6 and res.best_epoch == 1
+    assert any("did not improve for 5 validations" in m for m in res.messages)
+
+
 @pytest.mark.slow
 def test_resume_after_kill_minus_9_of_a_real_process(emt_data, tmp_path):
     """SIGKILL a fit running in another process after its first checkpoints, then resume."""

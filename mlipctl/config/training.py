@@ -207,6 +207,13 @@ class EarlyStoppingConfig(StrictModel):
     min_delta: float = Field(
         default=0.0, ge=0, description="Absolute decrease of the metric needed to count."
     )
+    min_epochs: int = Field(
+        default=0,
+        ge=0,
+        description="Never stop before this epoch. Under a decaying learning-rate schedule the "
+        "validation error keeps falling with the rate, and at a high rate a noisy validation "
+        "can dip once and then look converged for `patience` validations.",
+    )
 
 
 class CheckpointConfig(StrictModel):

@@ -718,7 +718,8 @@ def run_fit(
                 plateau, _ = plateau_update(
                     plateau, value, tcfg.schedule, tcfg.optimizer.learning_rate
                 )
-                if tcfg.early_stopping.enabled and bad >= tcfg.early_stopping.patience:
+                es = tcfg.early_stopping
+                if es.enabled and bad >= es.patience and epoch >= es.min_epochs:
                     stopped_early = True
                     messages.append(
                         f"early stopping after epoch {epoch}: validation {tcfg.metric} did not "
