@@ -18,6 +18,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from _paths import ROOT, mlearn_dir
 
 from mlipctl.config.fit import FitConfig
 from mlipctl.config.loader import load_config, parse_override
@@ -28,13 +29,6 @@ from mlipctl.model.potential import ModelSpec, init_params
 from mlipctl.training.loss import LossSettings
 from mlipctl.training.trainer import TrainState, energy_normalisation, make_train_step
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _mlearn_dir() -> Path:
-    env = os.environ.get("MLIPCTL_MLEARN_DIR")
-    return Path(env) if env else ROOT.parent / "shared/data/mlearn"
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -44,7 +38,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     args = parser.parse_args()
 
-    data_dir = _mlearn_dir() / "Cu"
+    data_dir = mlearn_dir() / "Cu"
     overrides = dict(parse_override(s) for s in args.set)
     overrides.setdefault("data.path", str(data_dir / "training.extxyz"))
     overrides.setdefault("data.test_path", str(data_dir / "test.extxyz"))

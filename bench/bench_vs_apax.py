@@ -42,14 +42,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _paths import ROOT, mlearn_dir
 
-ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
-
-
-def _mlearn_dir() -> Path:
-    env = os.environ.get("MLIPCTL_MLEARN_DIR")
-    return Path(env) if env else ROOT.parent / "shared/data/mlearn"
 
 
 def _run_json(cmd: list[str], out: Path) -> dict:
@@ -218,10 +213,10 @@ def _train_ours(args: argparse.Namespace, tmp: Path) -> dict:
 
 
 def _train_apax(args: argparse.Namespace, tmp: Path) -> dict:
-    directory = tmp / f"apax_train_{os.getpid()}_{len(list(tmp.glob('apax_train_*')))}"
+    directory = Path(tempfile.mkdtemp(prefix="apax_train_", dir=tmp))  # a fresh fit per round
     cfg = tmp / "apax_train.yaml"
     bench_apax = str(BENCH / "apax/bench_apax.py")
-    _run_json(
+    written = _run_json(
         [args.apax_python, bench_apax, "config", "--epochs", str(args.train_epochs)]
         + ["--directory", str(directory), "--out", str(cfg), "--json", str(tmp / "cfg.json")],
         tmp / "cfg.json",
@@ -232,7 +227,7 @@ def _train_apax(args: argparse.Namespace, tmp: Path) -> dict:
         sys.stderr.write(proc.stderr[-4000:])
         raise SystemExit("apax train failed")
     out = tmp / "apax_trainlog.json"
-    experiment = _yaml_experiment(cfg)
+    experiment = written["data"]["experiment"]
     res = _run_json(
         [
             args.apax_python,
@@ -250,12 +245,6 @@ def _train_apax(args: argparse.Namespace, tmp: Path) -> dict:
         "batch_size": res["batch_size"],
         "load": res["load_after"],
     }
-
-
-def _yaml_experiment(cfg: Path) -> str:
-    import yaml
-
-    return str(yaml.safe_load(cfg.read_text())["data"]["experiment"])
 
 
 def speed(args: argparse.Namespace, tmp: Path) -> dict:
@@ -317,7 +306,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True, help="mlipctl .mlip model file")
     parser.add_argument("--apax-model", type=Path, required=True, help="<directory>/<experiment>")
     parser.add_argument("--apax-python", default="/work/apax-venv/bin/python")
-    parser.add_argument("--test", type=Path, default=_mlearn_dir() / "Cu/test.extxyz")
+    parser.add_argument("--test", type=Path, default=mlearn_dir() / "Cu/test.extxyz")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7, help="timed inference calls per side")
     parser.add_argument("--md-sizes", type=int, nargs="+", default=[500, 4000])

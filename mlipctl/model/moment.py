@@ -310,7 +310,7 @@ class MomentModel(nn.Module):
         cfg = self.config
         s2 = self.n_species * self.n_species
         n_sets = cfg.max_order + 1 if cfg.radial_per_order else 1
-        tied = cfg.radial_per_order and cfg.radial_tie_decay > 0
+        tied = cfg.radial_tie_decay > 0  # the config allows it only with radial_per_order
         self.radial = self.param(
             "radial",
             nn.initializers.normal(stddev=1.0),
@@ -383,7 +383,7 @@ class MomentModel(nn.Module):
         u = vec / r  # (3, N, K)
         basis = radial_basis(r.reshape(-1), cfg)  # (N * K, n_basis)
         weights = self.radial  # (S^2, n_basis, C * sets)
-        if cfg.radial_per_order and cfg.radial_tie_decay > 0:
+        if cfg.radial_tie_decay > 0:
             weights = jnp.tile(weights, (1, 1, cfg.max_order + 1)) + self.radial_delta
         if self.n_species == 1:
             radial = basis @ weights[0]
