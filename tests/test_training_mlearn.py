@@ -48,3 +48,5 @@ def test_tiny_version_of_mlearn_config_runs(element, tmp_path):
     # Offsets came from the data: per-atom energies of mlearn metals are a few eV below zero.
     offset = res.normalisation["offsets_ev_per_atom"][element]
     assert -10.0 < offset < -0.5
+    if cfg.training.refit is not None:
+        assert res.refit is not None and res.timings["refit"] > 0

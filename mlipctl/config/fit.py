@@ -55,11 +55,21 @@ class FitConfig(StrictModel):
         return value
 
     @model_validator(mode="after")
-    def _needs_validation_data(self) -> FitConfig:
+    def _check_training(self) -> FitConfig:
+        t = self.training
+        if t.refit is not None and self.model.ensemble.kind == "shallow":
+            raise ValueError(
+                "training.refit does not work with a shallow ensemble: its heads share the "
+                "features, so an exact refit would make them equal; use a deep ensemble"
+            )
         has_valid = self.data.valid_path is not None or self.data.valid_fraction > 0
         if has_valid:
             return self
-        t = self.training
+        if t.refit is not None and t.refit.ridge is None:
+            raise ValueError(
+                "training.refit without a ridge chooses it on validation data: set "
+                "data.valid_fraction > 0 or data.valid_path, or set training.refit.ridge"
+            )
         if t.early_stopping.enabled:
             raise ValueError(
                 "training.early_stopping needs validation data: set data.valid_fraction > 0 or "

@@ -184,6 +184,28 @@ class StageTwoConfig(_LossWeights):
     )
 
 
+class ReadoutRefitConfig(_LossWeights):
+    """After training, solve the readout's last linear layer exactly by least squares.
+
+    The per-atom energy is linear in the output layer of the per-element MLP (weights and bias)
+    and in the linear readout on the descriptor, so energies, forces and stress are linear in
+    them too. With the rest of the network fixed, the weighted MSE over the whole training
+    split (these weights, per-config_type weights as in training) has one minimum, which the
+    refit finds exactly, where stochastic training only gets near it. Training with a low
+    energy weight learns features that fit the forces; a refit with a high energy weight then
+    recovers the energies (docs/training.md). Not for shallow ensembles: their heads share the
+    features, so an exact refit would make them equal.
+    """
+
+    ridge: float | None = Field(
+        default=None,
+        ge=0,
+        description="Ridge penalty towards the trained values, relative to the mean diagonal "
+        "of the normal matrix (None: the value from 1e-8 ... 1e-2 with the lowest validation "
+        "loss, and no refit at all if none lowers it).",
+    )
+
+
 # --- stopping and checkpoints ---------------------------------------------------------------
 
 Metric = Literal[
@@ -250,6 +272,11 @@ class TrainingConfig(StrictModel):
     stage_two: StageTwoConfig | None = Field(
         default=None,
         description="Loss weights for the last epochs (None: the same weights throughout).",
+    )
+    refit: ReadoutRefitConfig | None = Field(
+        default=None,
+        description="Least-squares refit of the readout's last linear layer after training, "
+        "with its own loss weights (None: off).",
     )
     max_epochs: int = Field(
         default=100, ge=1, description="Passes over the training split (fewer if stopped early)."
@@ -332,6 +359,11 @@ class TrainingConfig(StrictModel):
             raise ValueError(
                 "stage_two.stress_weight > 0 needs loss.stress_weight > 0 (stress labels are "
                 "checked, and stress computed, for the whole fit)"
+            )
+        if self.refit is not None and self.refit.stress_weight > 0 and self.loss.stress_weight == 0:
+            raise ValueError(
+                "refit.stress_weight > 0 needs loss.stress_weight > 0 (stress labels are checked "
+                "against the training loss)"
             )
         if self.metric.startswith("stress") and self.loss.stress_weight == 0:
             raise ValueError(

@@ -55,6 +55,7 @@ from mlipctl.training.loss import (
     metric_value,
 )
 from mlipctl.training.outputs import MetricsCSV, learning_curve, parity_plots
+from mlipctl.training.refit import refit_readout
 from mlipctl.training.schedule import (
     PlateauState,
     gradient_transformation,
@@ -91,6 +92,7 @@ class FitResult:
         n_parameters: trainable parameters (all members).
         normalisation: per-element offsets (eV/atom), energy_shift (eV/atom), energy_scale.
         messages: notes for the user.
+        refit: summary of the readout refit (``training.refit``), or None.
     """
 
     model_path: Path
@@ -106,6 +108,7 @@ class FitResult:
     n_parameters: int
     normalisation: dict[str, Any]
     messages: list[str] = field(default_factory=list)
+    refit: dict[str, Any] | None = None
 
 
 class TrainState(NamedTuple):
@@ -755,6 +758,11 @@ def run_fit(
     # --- final model and evaluation -------------------------------------------------------------
     use_best = tcfg.keep_best and best_params is not None
     final_params = best_params if use_best else _to_host(state.ema)
+    refit = None
+    if tcfg.refit is not None:
+        final_params, refit = _refit(spec, final_params, tcfg.refit, eval_loaders, any_stress)
+        timings["refit"] = refit["seconds"]
+        messages.append(_refit_message(refit))
     metadata = {
         "name": cfg.name,
         "fit_config": cfg_json,
@@ -763,6 +771,8 @@ def run_fit(
         "steps": step,
         "best_epoch": best_epoch if use_best else None,
     }
+    if refit is not None:
+        metadata["refit"] = refit
     model_path = out / MODEL_NAME
     potential = Potential(
         spec=spec, params=final_params, fingerprint=fingerprints["train"], metadata=metadata
@@ -811,11 +821,55 @@ def run_fit(
         n_parameters=_n_params(final_params),
         normalisation=normalisation,
         messages=messages,
+        refit=refit,
     )
     results_path = out / "results.json"
     atomic_write_text(results_path, json.dumps(result_summary(result), indent=2) + "\n")
     result.artifacts["results_json"] = str(results_path)
     return result
+
+
+def _refit(
+    spec: ModelSpec,
+    params: Any,
+    rcfg: Any,
+    loaders: dict[str, BatchLoader],
+    any_stress: bool,
+) -> tuple[Any, dict[str, Any]]:
+    """``training.refit`` on the final parameters (training split; ridge chosen on validation)."""
+
+    def batches(loader: BatchLoader) -> Callable[[], Any]:
+        return lambda: (loader.make_batch(idx) for idx in loader.index_batches(0))
+
+    weights = np.array([rcfg.energy_weight, rcfg.forces_weight, rcfg.stress_weight])
+    valid = batches(loaders["valid"]) if "valid" in loaders else None
+    params, summary = refit_readout(
+        spec,
+        jax.device_put(params),
+        batches(loaders["train"]),
+        valid,
+        weights,
+        rcfg.ridge,
+        stress=any_stress and rcfg.stress_weight > 0,
+    )
+    return _to_host(params), summary
+
+
+def _refit_message(summary: dict[str, Any]) -> str:
+    parts = []
+    for m in summary["members"]:
+        if m["ridge"] is None:
+            parts.append("kept the trained values (no ridge lowered the validation loss)")
+            continue
+        text = f"ridge {m['ridge']:g}: training loss {m['train_loss_before']:.4g} -> "
+        text += f"{m['train_loss_after']:.4g}"
+        if "valid_loss_before" in m:
+            text += f", validation {m['valid_loss_before']:.4g} -> {m['valid_loss_after']:.4g}"
+        parts.append(text)
+    n = summary["members"][0]["n_parameters"]
+    return f"readout refit ({n} parameters per member, {summary['seconds']:.0f} s): " + "; ".join(
+        parts
+    )
 
 
 def _collect_parity(
@@ -876,6 +930,7 @@ def result_summary(result: FitResult) -> dict[str, Any]:
             "stopped_early": result.stopped_early,
             "n_parameters": result.n_parameters,
             "normalisation": result.normalisation,
+            "refit": result.refit,
             "timings_s": result.timings,
             "messages": result.messages,
         }

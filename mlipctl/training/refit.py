@@ -1,0 +1,287 @@
+"""Exact least-squares refit of the readout's last linear layer after training.
+
+The per-atom energy is linear in the parameters theta of the readout's last layer (the output
+layer of the per-element MLP, its bias and the linear readout on the descriptor), and so are
+forces and stress, its derivatives. With the rest of the network fixed, predictions are exactly
+
+    pred(theta0 + delta) = pred(theta0) + A delta,   A = d pred / d theta (rows: labels),
+
+and the weighted MSE over a whole split, sum_rows w (r - A delta)^2 with residuals r = label -
+pred(theta0), is a quadratic in delta. Its normal equations (A^T W A, A^T W r, r^T W r) are
+accumulated batch by batch; A's columns come from forward-mode derivatives (``jax.jvp``) of the
+model's own prediction, so forces and stress stay derivatives of one energy. The training split
+gives delta = (G + lambda s I)^-1 b (ridge towards the trained values, s the mean diagonal of
+G), and the validation split's quadratic picks lambda.
+
+Row weights follow the training loss (:func:`~mlipctl.training.loss.batch_loss`) summed over the
+split instead of per batch: the term weight over the number of labels of that kind, times each
+label's structure weight (config_type weights included). Energies are per atom, forces and
+stress per component.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from mlipctl.config.model import EnsembleConfig
+from mlipctl.data.graph import AtomsGraph, Targets
+from mlipctl.model.potential import ModelSpec, make_predict
+from mlipctl.training.loss import structure_weights
+
+RIDGE_GRID = (1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
+"""Relative ridge values tried when none is configured."""
+
+# Forward-mode directions evaluated per compiled call: bounds memory to CHUNK model passes.
+CHUNK = 64
+
+Batch = tuple[AtomsGraph, Targets]
+
+
+@dataclass
+class NormalEquations:
+    """Weighted least-squares sums of one split: G = A^T W A (P, P), b = A^T W r (P,),
+    c = r^T W r, and the label counts (energy, force components, stress components)."""
+
+    gram: np.ndarray
+    rhs: np.ndarray
+    const: float
+    counts: np.ndarray
+
+    def loss(self, delta: np.ndarray) -> float:
+        """Weighted squared error after moving theta by ``delta`` (P,)."""
+        return float(delta @ self.gram @ delta - 2.0 * self.rhs @ delta + self.const)
+
+
+@dataclass
+class RefitResult:
+    """One member's refit: chosen ridge (None: kept the trained values) and weighted losses."""
+
+    ridge: float | None
+    train_loss: tuple[float, float]
+    valid_loss: tuple[float, float] | None
+    n_parameters: int
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "ridge": self.ridge,
+            "n_parameters": self.n_parameters,
+            "train_loss_before": self.train_loss[0],
+            "train_loss_after": self.train_loss[1],
+        }
+        if self.valid_loss is not None:
+            out["valid_loss_before"], out["valid_loss_after"] = self.valid_loss
+        return out
+
+
+def readout_names(params: Any) -> list[str]:
+    """Names of the readout's last-layer leaves: output kernel, its bias and ``linear``."""
+    readout = params["params"]["readout"]
+    last = max(int(k.split("_")[1]) for k in readout if k.startswith("kernel_"))
+    return [n for n in (f"kernel_{last}", f"bias_{last}", "linear") if n in readout]
+
+
+def _with_readout(params: Any, leaves: dict[str, Any]) -> Any:
+    readout = {**params["params"]["readout"], **leaves}
+    return {**params, "params": {**params["params"], "readout": readout}}
+
+
+def _label_rows(graph: AtomsGraph, targets: Targets, stress: bool) -> tuple[np.ndarray, ...]:
+    """Per row (energy per atom (B,), force components (3N,), stress components (9B,)): label,
+    structure weight and kind (0, 1, 2); rows without a label have weight 0."""
+    w_e, w_f, w_s = (np.asarray(w, np.float64) for w in structure_weights(graph, targets))
+    n_at = np.maximum(np.asarray(graph.n_atoms), 1)
+    labels = [np.asarray(targets.energy) / n_at, np.asarray(targets.forces).reshape(-1)]
+    weights = [w_e, np.repeat(w_f, 3)]
+    if stress:
+        labels.append(np.asarray(targets.stress).reshape(-1))
+        weights.append(np.repeat(w_s, 9))
+    kinds = np.concatenate([np.full(len(x), k) for k, x in enumerate(labels)])
+    return np.concatenate(labels), np.concatenate(weights), kinds
+
+
+def _row_fn(spec: ModelSpec, stress: bool) -> Callable[[Any, AtomsGraph], jax.Array]:
+    """``rows(params, graph)``: (R,) predictions in the order of :func:`_label_rows`."""
+    predict = make_predict(spec, stress=stress)
+
+    def rows(params: Any, graph: AtomsGraph) -> jax.Array:
+        p = predict(params, graph)
+        n_at = jnp.maximum(jnp.asarray(graph.n_atoms), 1)
+        out = [p.energy[0] / n_at, p.forces[0].reshape(-1)]
+        if stress:
+            out.append(p.stress[0].reshape(-1))
+        return jnp.concatenate(out)
+
+    return rows
+
+
+class _Linearisation:
+    """Rows and their Jacobian with respect to the readout's last layer, for one member."""
+
+    def __init__(self, spec: ModelSpec, params: Any, stress: bool) -> None:
+        names = readout_names(params)
+        readout = params["params"]["readout"]
+        self.theta0, self.unravel = ravel_pytree({n: readout[n] for n in names})
+        self.params = params
+        rows = _row_fn(spec, stress)
+
+        def at(theta: jax.Array, graph: AtomsGraph) -> jax.Array:
+            return rows(_with_readout(params, self.unravel(theta)), graph)
+
+        self.rows = jax.jit(at)
+        # Each call pushes CHUNK unit directions through the model: (CHUNK, R).
+        self.directions = jax.jit(
+            lambda theta, graph, tangents: jax.vmap(
+                lambda t: jax.jvp(lambda x: at(x, graph), (theta,), (t,))[1]
+            )(tangents)
+        )
+
+    @property
+    def size(self) -> int:
+        return int(self.theta0.size)
+
+    def jacobian(self, graph: AtomsGraph) -> tuple[np.ndarray, np.ndarray]:
+        """Predictions (R,) and d rows / d theta (R, P) at the trained values."""
+        p = self.size
+        cols = []
+        for start in range(0, p, CHUNK):
+            eye = np.zeros((CHUNK, p), dtype=self.theta0.dtype)
+            n = min(CHUNK, p - start)
+            eye[np.arange(n), start + np.arange(n)] = 1.0
+            cols.append(np.asarray(self.directions(self.theta0, graph, eye), np.float64)[:n])
+        return np.asarray(self.rows(self.theta0, graph), np.float64), np.concatenate(cols).T
+
+
+def normal_equations(
+    lin: _Linearisation, batches: Iterable[Batch], weights: np.ndarray, stress: bool
+) -> NormalEquations:
+    """Accumulate one split's least-squares sums; ``weights`` (3,) are the term weights."""
+    p = lin.size
+    # Per kind of label, since the term weight is divided by the split's count of that kind.
+    gram, rhs, const = np.zeros((3, p, p)), np.zeros((3, p)), np.zeros(3)
+    counts = np.zeros(3)
+    for graph, targets in batches:
+        label, w, kind = _label_rows(graph, targets, stress)
+        pred, jac = lin.jacobian(jax.device_put(graph))
+        resid = label - pred
+        for k in range(3):
+            rows = (kind == k) & (w > 0)
+            if not rows.any():
+                continue
+            weighted = jac[rows] * w[rows, None]
+            gram[k] += weighted.T @ jac[rows]
+            rhs[k] += weighted.T @ resid[rows]
+            const[k] += float(w[rows] @ (resid[rows] * resid[rows]))
+            counts[k] += rows.sum()
+    scale = np.divide(weights, counts, out=np.zeros(3), where=counts > 0)
+    return NormalEquations(
+        np.einsum("k,kpq->pq", scale, gram), scale @ rhs, float(scale @ const), counts
+    )
+
+
+def _solve(train: NormalEquations, ridge: float) -> np.ndarray:
+    p = len(train.rhs)
+    scale = max(float(np.trace(train.gram)) / p, np.finfo(float).tiny)
+    return np.linalg.solve(train.gram + ridge * scale * np.eye(p), train.rhs)
+
+
+def refit_member(
+    spec: ModelSpec,
+    params: Any,
+    train: Callable[[], Iterable[Batch]],
+    valid: Callable[[], Iterable[Batch]] | None,
+    weights: np.ndarray,
+    ridge: float | None,
+    stress: bool,
+) -> tuple[Any, RefitResult]:
+    """Refit one model's (single member's) last layer; returns new parameters and a summary.
+
+    Args:
+        spec: model spec without ensemble (one member's parameters).
+        params: that member's parameters.
+        train, valid: callables giving the split's padded batches (valid may be None if
+            ``ridge`` is set).
+        weights: (3,) energy, forces and stress term weights.
+        ridge: relative ridge, or None to choose it on ``valid`` from :data:`RIDGE_GRID`.
+        stress: include stress rows (the data has stress labels).
+    """
+    lin = _Linearisation(spec, params, stress)
+    eq_train = normal_equations(lin, train(), weights, stress)
+    eq_valid = normal_equations(lin, valid(), weights, stress) if valid is not None else None
+    zero = np.zeros(lin.size)
+    if ridge is not None:
+        best_ridge: float | None = ridge
+        delta = _solve(eq_train, ridge)
+    else:
+        assert eq_valid is not None
+        best_ridge, delta, best = None, zero, eq_valid.loss(zero)
+        for lam in RIDGE_GRID:
+            d = _solve(eq_train, lam)
+            value = eq_valid.loss(d)
+            if np.isfinite(value) and value < best:
+                best_ridge, delta, best = lam, d, value
+    theta = (np.asarray(lin.theta0, np.float64) + delta).astype(lin.theta0.dtype)
+    new = _with_readout(params, lin.unravel(jnp.asarray(theta)))
+    result = RefitResult(
+        ridge=best_ridge,
+        train_loss=(eq_train.loss(zero), eq_train.loss(delta)),
+        valid_loss=None if eq_valid is None else (eq_valid.loss(zero), eq_valid.loss(delta)),
+        n_parameters=lin.size,
+    )
+    return new, result
+
+
+def refit_readout(
+    spec: ModelSpec,
+    params: Any,
+    train: Callable[[], Iterable[Batch]],
+    valid: Callable[[], Iterable[Batch]] | None,
+    weights: np.ndarray,
+    ridge: float | None,
+    stress: bool,
+) -> tuple[Any, dict[str, Any]]:
+    """:func:`refit_member` for every member of a single model or deep ensemble.
+
+    Returns the new parameters (same tree as ``params``) and a JSON-able summary.
+    """
+    t0 = time.perf_counter()
+    kind = spec.config.ensemble.kind
+    if kind == "shallow":
+        raise ValueError("a shallow ensemble's heads cannot be refitted (they would become equal)")
+    single = dataclasses.replace(
+        spec, config=spec.config.model_copy(update={"ensemble": EnsembleConfig()})
+    )
+    if kind == "none":
+        new, result = refit_member(single, params, train, valid, weights, ridge, stress)
+        members = [result]
+    else:
+        outs = [
+            refit_member(
+                single,
+                jax.tree_util.tree_map(lambda x, m=m: x[m], params),
+                train,
+                valid,
+                weights,
+                ridge,
+                stress,
+            )
+            for m in range(spec.n_members)
+        ]
+        new = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *(o[0] for o in outs))
+        members = [o[1] for o in outs]
+    summary = {
+        "weights": {
+            k: float(v) for k, v in zip(("energy", "forces", "stress"), weights, strict=True)
+        },
+        "members": [m.to_dict() for m in members],
+        "seconds": time.perf_counter() - t0,
+    }
+    return new, summary
