@@ -105,3 +105,16 @@ def test_refit_config_rules(emt_data, tmp_path):  # noqa: F811
             refit={**REFIT, "stress_weight": 1.0},
             loss={"kind": "mse", "stress_weight": 0},
         )
+
+
+def test_a_finished_fit_resumes_with_another_refit(emt_data, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    first = run_fit(_cfg(emt_data, out, max_epochs=3), progress=False)
+    assert first.refit is None
+    again = run_fit(_cfg(emt_data, out, max_epochs=3, refit=REFIT), resume=True, progress=False)
+    # No further training: the same epochs and steps, then the refit of the same parameters.
+    assert (again.epochs_completed, again.steps) == (first.epochs_completed, first.steps)
+    assert again.history == first.history
+    member = again.refit["members"][0]
+    assert member["train_loss_after"] <= member["train_loss_before"]
+    assert load_potential(out / "model.mlip").metadata["refit"]["members"][0] == member

@@ -67,7 +67,8 @@ CHECKPOINT_NAME = "checkpoint.msgpack"
 MODEL_NAME = "model.mlip"
 # Config keys that may change between an interrupted fit and its resume (they do not change the
 # computation); everything else must be identical.
-_RESUMABLE_CHANGES = ("output", "training.checkpoint")
+# The refit runs after the last epoch, so a finished fit can be resumed to refit it differently.
+_RESUMABLE_CHANGES = ("output", "training.checkpoint", "training.refit")
 
 
 @dataclass
