@@ -201,7 +201,7 @@ class ReadoutRefitConfig(_LossWeights):
         default=None,
         ge=0,
         description="Ridge penalty towards the trained values, relative to the mean diagonal "
-        "of the normal matrix (None: the value from 1e-8 ... 1e-2 with the lowest validation "
+        "of the normal matrix (None: the value from 1e-10 ... 1e-2 with the lowest validation "
         "loss, and no refit at all if none lowers it).",
     )
 

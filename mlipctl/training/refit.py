@@ -37,7 +37,7 @@ from mlipctl.data.graph import AtomsGraph, Targets
 from mlipctl.model.potential import ModelSpec, make_predict
 from mlipctl.training.loss import structure_weights
 
-RIDGE_GRID = (1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
+RIDGE_GRID = (1e-10, 1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
 """Relative ridge values tried when none is configured."""
 
 # Forward-mode directions evaluated per compiled call: bounds memory to CHUNK model passes.
@@ -224,7 +224,10 @@ def refit_member(
         assert eq_valid is not None
         best_ridge, delta, best = None, zero, eq_valid.loss(zero)
         for lam in RIDGE_GRID:
-            d = _solve(eq_train, lam)
+            try:
+                d = _solve(eq_train, lam)
+            except np.linalg.LinAlgError:  # singular at this ridge: a larger one follows
+                continue
             value = eq_valid.loss(d)
             if np.isfinite(value) and value < best:
                 best_ridge, delta, best = lam, d, value
