@@ -34,6 +34,7 @@ from jax.flatten_util import ravel_pytree
 
 from mlipctl.config.model import EnsembleConfig
 from mlipctl.data.graph import AtomsGraph, Targets
+from mlipctl.errors import UserInputError
 from mlipctl.model.potential import ModelSpec, make_predict
 from mlipctl.training.loss import structure_weights
 
@@ -193,33 +194,46 @@ def _solve(train: NormalEquations, ridge: float) -> np.ndarray:
     return np.linalg.solve(train.gram + ridge * scale * np.eye(p), train.rhs)
 
 
-def refit_member(
-    spec: ModelSpec,
-    params: Any,
-    train: Callable[[], Iterable[Batch]],
-    valid: Callable[[], Iterable[Batch]] | None,
-    weights: np.ndarray,
-    ridge: float | None,
-    stress: bool,
-) -> tuple[Any, RefitResult]:
-    """Refit one model's (single member's) last layer; returns new parameters and a summary.
+@dataclass(frozen=True)
+class RefitData:
+    """What a refit solves for.
 
-    Args:
-        spec: model spec without ensemble (one member's parameters).
-        params: that member's parameters.
-        train, valid: callables giving the split's padded batches (valid may be None if
-            ``ridge`` is set).
+    Attributes:
+        train, valid: callables giving a split's padded batches (valid may be None if ``ridge``
+            is set).
         weights: (3,) energy, forces and stress term weights.
         ridge: relative ridge, or None to choose it on ``valid`` from :data:`RIDGE_GRID`.
         stress: include stress rows (the data has stress labels).
     """
-    lin = _Linearisation(spec, params, stress)
-    eq_train = normal_equations(lin, train(), weights, stress)
-    eq_valid = normal_equations(lin, valid(), weights, stress) if valid is not None else None
+
+    train: Callable[[], Iterable[Batch]]
+    valid: Callable[[], Iterable[Batch]] | None
+    weights: np.ndarray
+    ridge: float | None
+    stress: bool
+
+
+def refit_member(spec: ModelSpec, params: Any, data: RefitData) -> tuple[Any, RefitResult]:
+    """Refit one model's (one member's; ``spec`` without ensemble) last layer.
+
+    Returns the new parameters and a summary. Raises UserInputError if a configured ridge leaves
+    the normal matrix singular.
+    """
+    lin = _Linearisation(spec, params, data.stress)
+    eq_train = normal_equations(lin, data.train(), data.weights, data.stress)
+    eq_valid = None
+    if data.valid is not None:
+        eq_valid = normal_equations(lin, data.valid(), data.weights, data.stress)
     zero = np.zeros(lin.size)
-    if ridge is not None:
-        best_ridge: float | None = ridge
-        delta = _solve(eq_train, ridge)
+    if data.ridge is not None:
+        best_ridge: float | None = data.ridge
+        try:
+            delta = _solve(eq_train, data.ridge)
+        except np.linalg.LinAlgError:
+            raise UserInputError(
+                f"training.refit: the least-squares problem is singular at ridge {data.ridge}; "
+                "set a larger training.refit.ridge"
+            ) from None
     else:
         assert eq_valid is not None
         best_ridge, delta, best = None, zero, eq_valid.loss(zero)
@@ -242,15 +256,7 @@ def refit_member(
     return new, result
 
 
-def refit_readout(
-    spec: ModelSpec,
-    params: Any,
-    train: Callable[[], Iterable[Batch]],
-    valid: Callable[[], Iterable[Batch]] | None,
-    weights: np.ndarray,
-    ridge: float | None,
-    stress: bool,
-) -> tuple[Any, dict[str, Any]]:
+def refit_readout(spec: ModelSpec, params: Any, data: RefitData) -> tuple[Any, dict[str, Any]]:
     """:func:`refit_member` for every member of a single model or deep ensemble.
 
     Returns the new parameters (same tree as ``params``) and a JSON-able summary.
@@ -263,26 +269,18 @@ def refit_readout(
         spec, config=spec.config.model_copy(update={"ensemble": EnsembleConfig()})
     )
     if kind == "none":
-        new, result = refit_member(single, params, train, valid, weights, ridge, stress)
+        new, result = refit_member(single, params, data)
         members = [result]
     else:
         outs = [
-            refit_member(
-                single,
-                jax.tree_util.tree_map(lambda x, m=m: x[m], params),
-                train,
-                valid,
-                weights,
-                ridge,
-                stress,
-            )
+            refit_member(single, jax.tree_util.tree_map(lambda x, m=m: x[m], params), data)
             for m in range(spec.n_members)
         ]
         new = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *(o[0] for o in outs))
         members = [o[1] for o in outs]
     summary = {
         "weights": {
-            k: float(v) for k, v in zip(("energy", "forces", "stress"), weights, strict=True)
+            k: float(v) for k, v in zip(("energy", "forces", "stress"), data.weights, strict=True)
         },
         "members": [m.to_dict() for m in members],
         "seconds": time.perf_counter() - t0,

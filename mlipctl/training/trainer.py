@@ -55,7 +55,7 @@ from mlipctl.training.loss import (
     metric_value,
 )
 from mlipctl.training.outputs import MetricsCSV, learning_curve, parity_plots
-from mlipctl.training.refit import refit_readout
+from mlipctl.training.refit import RefitData, refit_readout
 from mlipctl.training.schedule import (
     PlateauState,
     gradient_transformation,
@@ -842,17 +842,14 @@ def _refit(
     def batches(loader: BatchLoader) -> Callable[[], Any]:
         return lambda: (loader.make_batch(idx) for idx in loader.index_batches(0))
 
-    weights = np.array([rcfg.energy_weight, rcfg.forces_weight, rcfg.stress_weight])
-    valid = batches(loaders["valid"]) if "valid" in loaders else None
-    params, summary = refit_readout(
-        spec,
-        jax.device_put(params),
-        batches(loaders["train"]),
-        valid,
-        weights,
-        rcfg.ridge,
+    data = RefitData(
+        train=batches(loaders["train"]),
+        valid=batches(loaders["valid"]) if "valid" in loaders else None,
+        weights=np.array([rcfg.energy_weight, rcfg.forces_weight, rcfg.stress_weight]),
+        ridge=rcfg.ridge,
         stress=any_stress and rcfg.stress_weight > 0,
     )
+    params, summary = refit_readout(spec, jax.device_put(params), data)
     return _to_host(params), summary
 
 
