@@ -131,7 +131,6 @@ class _Linearisation:
         names = readout_names(params)
         readout = params["params"]["readout"]
         self.theta0, self.unravel = ravel_pytree({n: readout[n] for n in names})
-        self.params = params
         rows = _row_fn(spec, stress)
 
         def at(theta: jax.Array, graph: AtomsGraph) -> jax.Array:
