@@ -554,3 +554,18 @@ def test_shipped_default_cu_set_within_two_minutes(tmp_path):
     report = run_generate(cfg, progress=False)
     assert report.passed and report.results["n_structures"] == 140
     assert report.timings["total"] < 120
+
+
+@pytest.mark.parametrize("miller", [(1, 0, 0), (1, 1, 0), (1, 1, 1)])
+@pytest.mark.parametrize("thickness", [8.0, 10.0, 12.0])
+@pytest.mark.parametrize("a", [3.58983191957594, 3.61])  # the first: EMT Cu's, which hit it
+def test_slab_planes_are_whole(miller, thickness, a):
+    # Every atomic plane holds the same number of atoms: no atom of the bottom plane may end up
+    # one period above the slab (ase 3.29 leaves some at fractional height 1.0).
+    from mlipctl.data.generate import build_slab
+
+    unit = bulk("Cu", "fcc", a=a, cubic=True)
+    slab, _, _ = build_slab(unit, miller, thickness, 10.0, 1)
+    _, counts = np.unique(np.round(slab.positions[:, 2], 3), return_counts=True)
+    assert len(set(counts)) == 1, counts
+    assert np.ptp(slab.positions[:, 2]) >= thickness

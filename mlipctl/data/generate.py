@@ -599,6 +599,9 @@ def build_slab(
 
     for layers in range(1, 200):
         slab = surface(unit, miller, layers, vacuum=None, periodic=True)
+        # ase 3.29 can leave an atom of the bottom plane at fractional height 1.0 instead of 0;
+        # centring would then put it one period above the slab.
+        slab.wrap(eps=1e-6)
         z = slab.positions[:, 2]
         if np.ptp(z) >= min_thickness:
             break
