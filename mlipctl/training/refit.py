@@ -41,7 +41,7 @@ from mlipctl.training.loss import structure_weights
 RIDGE_GRID = (1e-10, 1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
 """Relative ridge values tried when none is configured."""
 
-# Forward-mode directions evaluated per compiled call: bounds memory to CHUNK model passes.
+# At most this many forward-mode directions per compiled call: bounds memory.
 CHUNK = 64
 
 Batch = tuple[AtomsGraph, Targets]
@@ -50,12 +50,11 @@ Batch = tuple[AtomsGraph, Targets]
 @dataclass
 class NormalEquations:
     """Weighted least-squares sums of one split: G = A^T W A (P, P), b = A^T W r (P,),
-    c = r^T W r, and the label counts (energy, force components, stress components)."""
+    c = r^T W r."""
 
     gram: np.ndarray
     rhs: np.ndarray
     const: float
-    counts: np.ndarray
 
     def loss(self, delta: np.ndarray) -> float:
         """Weighted squared error after moving theta by ``delta`` (P,)."""
@@ -125,52 +124,73 @@ def _row_fn(spec: ModelSpec, stress: bool) -> Callable[[Any, AtomsGraph], jax.Ar
 
 
 class _Linearisation:
-    """Rows and their Jacobian with respect to the readout's last layer, for one member."""
+    """Rows and their Jacobian with respect to the readout's last layer.
 
-    def __init__(self, spec: ModelSpec, params: Any, stress: bool) -> None:
-        names = readout_names(params)
-        readout = params["params"]["readout"]
-        self.theta0, self.unravel = ravel_pytree({n: readout[n] for n in names})
+    Parameters are arguments of the compiled functions, so one compilation per batch shape
+    serves every member of a deep ensemble.
+    """
+
+    def __init__(self, spec: ModelSpec, template: Any, stress: bool) -> None:
+        self.names = readout_names(template)
+        theta, self.unravel = ravel_pytree(self._leaves(template))
+        self.size = int(theta.size)
+        # Unit directions in equal chunks of at most CHUNK (fixed shape: one compilation),
+        # padded with as few zero directions as possible.
+        n_chunks = -(-self.size // CHUNK)
+        chunk = -(-self.size // n_chunks)
+        eye = np.eye(n_chunks * chunk, self.size, dtype=theta.dtype)
+        self.bases = [jnp.asarray(eye[i * chunk : (i + 1) * chunk]) for i in range(n_chunks)]
         rows = _row_fn(spec, stress)
 
-        def at(theta: jax.Array, graph: AtomsGraph) -> jax.Array:
+        def at(params: Any, theta: jax.Array, graph: AtomsGraph) -> jax.Array:
             return rows(_with_readout(params, self.unravel(theta)), graph)
 
         self.rows = jax.jit(at)
-        # Each call pushes CHUNK unit directions through the model: (CHUNK, R).
+        # (chunk, R): the rows' derivatives along each direction of the chunk.
         self.directions = jax.jit(
-            lambda theta, graph, tangents: jax.vmap(
-                lambda t: jax.jvp(lambda x: at(x, graph), (theta,), (t,))[1]
+            lambda params, theta, graph, tangents: jax.vmap(
+                lambda t: jax.jvp(lambda x: at(params, x, graph), (theta,), (t,))[1]
             )(tangents)
         )
 
-    @property
-    def size(self) -> int:
-        return int(self.theta0.size)
+    def _leaves(self, params: Any) -> dict[str, Any]:
+        return {n: params["params"]["readout"][n] for n in self.names}
 
-    def jacobian(self, graph: AtomsGraph) -> tuple[np.ndarray, np.ndarray]:
-        """Predictions (R,) and d rows / d theta (R, P) at the trained values."""
-        p = self.size
-        cols = []
-        for start in range(0, p, CHUNK):
-            eye = np.zeros((CHUNK, p), dtype=self.theta0.dtype)
-            n = min(CHUNK, p - start)
-            eye[np.arange(n), start + np.arange(n)] = 1.0
-            cols.append(np.asarray(self.directions(self.theta0, graph, eye), np.float64)[:n])
-        return np.asarray(self.rows(self.theta0, graph), np.float64), np.concatenate(cols).T
+    def theta(self, params: Any) -> jax.Array:
+        """(P,) the last layer of ``params``, flattened."""
+        return ravel_pytree(self._leaves(params))[0]
+
+    def with_theta(self, params: Any, theta: jax.Array) -> Any:
+        return _with_readout(params, self.unravel(theta))
+
+    def jacobian(
+        self, params: Any, theta: jax.Array, graph: AtomsGraph
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Predictions (R,) and d rows / d theta (R, P) at ``theta``."""
+        cols = [
+            np.asarray(self.directions(params, theta, graph, b), np.float64) for b in self.bases
+        ]
+        jac = np.concatenate(cols)[: self.size].T
+        return np.asarray(self.rows(params, theta, graph), np.float64), jac
 
 
 def normal_equations(
-    lin: _Linearisation, batches: Iterable[Batch], weights: np.ndarray, stress: bool
+    lin: _Linearisation,
+    params: Any,
+    batches: Iterable[Batch],
+    weights: np.ndarray,
+    stress: bool,
 ) -> NormalEquations:
-    """Accumulate one split's least-squares sums; ``weights`` (3,) are the term weights."""
+    """Accumulate one split's least-squares sums for ``params``; ``weights`` (3,) are the term
+    weights."""
     p = lin.size
+    theta = lin.theta(params)
     # Per kind of label, since the term weight is divided by the split's count of that kind.
     gram, rhs, const = np.zeros((3, p, p)), np.zeros((3, p)), np.zeros(3)
     counts = np.zeros(3)
     for graph, targets in batches:
         label, w, kind = _label_rows(graph, targets, stress)
-        pred, jac = lin.jacobian(jax.device_put(graph))
+        pred, jac = lin.jacobian(params, theta, jax.device_put(graph))
         resid = label - pred
         for k in range(3):
             rows = (kind == k) & (w > 0)
@@ -182,9 +202,7 @@ def normal_equations(
             const[k] += float(w[rows] @ (resid[rows] * resid[rows]))
             counts[k] += rows.sum()
     scale = np.divide(weights, counts, out=np.zeros(3), where=counts > 0)
-    return NormalEquations(
-        np.einsum("k,kpq->pq", scale, gram), scale @ rhs, float(scale @ const), counts
-    )
+    return NormalEquations(np.einsum("k,kpq->pq", scale, gram), scale @ rhs, float(scale @ const))
 
 
 def _solve(train: NormalEquations, ridge: float) -> np.ndarray:
@@ -212,17 +230,16 @@ class RefitData:
     stress: bool
 
 
-def refit_member(spec: ModelSpec, params: Any, data: RefitData) -> tuple[Any, RefitResult]:
-    """Refit one model's (one member's; ``spec`` without ensemble) last layer.
+def _refit_member(lin: _Linearisation, params: Any, data: RefitData) -> tuple[Any, RefitResult]:
+    """Refit one model's (one member's) last layer.
 
     Returns the new parameters and a summary. Raises UserInputError if a configured ridge leaves
     the normal matrix singular.
     """
-    lin = _Linearisation(spec, params, data.stress)
-    eq_train = normal_equations(lin, data.train(), data.weights, data.stress)
+    eq_train = normal_equations(lin, params, data.train(), data.weights, data.stress)
     eq_valid = None
     if data.valid is not None:
-        eq_valid = normal_equations(lin, data.valid(), data.weights, data.stress)
+        eq_valid = normal_equations(lin, params, data.valid(), data.weights, data.stress)
     zero = np.zeros(lin.size)
     if data.ridge is not None:
         best_ridge: float | None = data.ridge
@@ -244,8 +261,9 @@ def refit_member(spec: ModelSpec, params: Any, data: RefitData) -> tuple[Any, Re
             value = eq_valid.loss(d)
             if np.isfinite(value) and value < best:
                 best_ridge, delta, best = lam, d, value
-    theta = (np.asarray(lin.theta0, np.float64) + delta).astype(lin.theta0.dtype)
-    new = _with_readout(params, lin.unravel(jnp.asarray(theta)))
+    theta0 = lin.theta(params)
+    theta = (np.asarray(theta0, np.float64) + delta).astype(theta0.dtype)
+    new = lin.with_theta(params, jnp.asarray(theta))
     result = RefitResult(
         ridge=best_ridge,
         train_loss=(eq_train.loss(zero), eq_train.loss(delta)),
@@ -256,7 +274,7 @@ def refit_member(spec: ModelSpec, params: Any, data: RefitData) -> tuple[Any, Re
 
 
 def refit_readout(spec: ModelSpec, params: Any, data: RefitData) -> tuple[Any, dict[str, Any]]:
-    """:func:`refit_member` for every member of a single model or deep ensemble.
+    """:func:`_refit_member` for every member of a single model or deep ensemble.
 
     Returns the new parameters (same tree as ``params``) and a JSON-able summary.
     """
@@ -268,13 +286,15 @@ def refit_readout(spec: ModelSpec, params: Any, data: RefitData) -> tuple[Any, d
         spec, config=spec.config.model_copy(update={"ensemble": EnsembleConfig()})
     )
     if kind == "none":
-        new, result = refit_member(single, params, data)
+        lin = _Linearisation(single, params, data.stress)
+        new, result = _refit_member(lin, params, data)
         members = [result]
     else:
-        outs = [
-            refit_member(single, jax.tree_util.tree_map(lambda x, m=m: x[m], params), data)
-            for m in range(spec.n_members)
+        member_params = [
+            jax.tree_util.tree_map(lambda x, m=m: x[m], params) for m in range(spec.n_members)
         ]
+        lin = _Linearisation(single, member_params[0], data.stress)
+        outs = [_refit_member(lin, p, data) for p in member_params]
         new = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *(o[0] for o in outs))
         members = [o[1] for o in outs]
     summary = {
