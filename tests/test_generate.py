@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from mlipctl.config.generate import GenerateConfig
 from mlipctl.data.generate import (
+    build_slab,
     generate_structures,
     largest_void,
     resolve_system,
@@ -562,8 +563,6 @@ def test_shipped_default_cu_set_within_two_minutes(tmp_path):
 def test_slab_planes_are_whole(miller, thickness, a):
     # Every atomic plane holds the same number of atoms: no atom of the bottom plane may end up
     # one period above the slab (ase 3.29 leaves some at fractional height 1.0).
-    from mlipctl.data.generate import build_slab
-
     unit = bulk("Cu", "fcc", a=a, cubic=True)
     slab, _, _ = build_slab(unit, miller, thickness, 10.0, 1)
     _, counts = np.unique(np.round(slab.positions[:, 2], 3), return_counts=True)
