@@ -143,7 +143,7 @@ class _Linearisation:
         rows = _row_fn(spec, stress)
 
         def at(params: Any, theta: jax.Array, graph: AtomsGraph) -> jax.Array:
-            return rows(_with_readout(params, self.unravel(theta)), graph)
+            return rows(self.with_theta(params, theta), graph)
 
         self.rows = jax.jit(at)
         # (chunk, R): the rows' derivatives along each direction of the chunk.
